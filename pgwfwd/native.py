@@ -20,13 +20,9 @@ import numpy as np
 
 from pgwfwd._native import ffi, lib
 from pgwfwd.errors import PgwfwdError
+from pgwfwd.tables import MAX_PGWS, MAX_SLOTS, PGW_DTYPE
 
-MAX_PGWS: int = lib.PGWFWD_MAX_PGWS
-MAX_SLOTS: int = lib.PGWFWD_MAX_SLOTS
 MAX_QUEUES: int = lib.PGWFWD_MAX_QUEUES
-
-#: One forwarding target as C reads it (struct pgwfwd_pgw): network byte order.
-PGW_DTYPE = np.dtype([("addr", ">u4"), ("port", ">u2"), ("mac", "u1", (6,))])
 
 DROP_REASONS: tuple[str, ...] = tuple(
     ffi.string(lib.pgwfwd_drop_name(reason)).decode()
@@ -38,9 +34,18 @@ KERNEL_COUNTER_NAMES: tuple[str, ...] = (
     "rx_fill_ring_empty_descs", "tx_ring_empty_descs",
 )
 
+# tables.py states the layout without needing the compiled module; it must be C's.
 assert PGW_DTYPE.itemsize == ffi.sizeof("struct pgwfwd_pgw")
+assert (MAX_PGWS, MAX_SLOTS) == (lib.PGWFWD_MAX_PGWS, lib.PGWFWD_MAX_SLOTS)
 assert len(XDP_COUNTER_NAMES) == lib.PGWFWD_XDP_COUNTERS
 assert len(KERNEL_COUNTER_NAMES) == lib.PGWFWD_KERNEL_COUNTERS
+
+
+__all__ = [
+    "DROP_REASONS", "KERNEL_COUNTER_NAMES", "MAX_PGWS", "MAX_QUEUES", "MAX_SLOTS", "PGW_DTYPE",
+    "XDP_COUNTER_NAMES", "NativeError", "Queue", "SharedState", "XdpProgram", "process_frame",
+    "set_library_verbosity",
+]
 
 
 class NativeError(PgwfwdError, OSError):
@@ -57,6 +62,10 @@ def check(result: int, what: str) -> int:
 def set_library_verbosity(verbosity: int) -> None:
     """0 silences libxdp and libbpf; 1 shows their warnings, 3 everything."""
     lib.pgwfwd_set_library_verbosity(verbosity)
+
+
+# libxdp narrates its dispatcher fallback on every attach; quiet until asked.
+lib.pgwfwd_set_library_verbosity(0)
 
 
 def bpf_object_path() -> str:

@@ -1,0 +1,37 @@
+# Set-up and everyday commands. Run as root on Debian 12: the apt step
+# installs the toolchain, the rest builds the package into .venv.
+
+PYTHON ?= python3
+VENV := .venv
+APT_PACKAGES := clang llvm gcc make pkg-config libxdp-dev libbpf-dev libelf-dev \
+	zlib1g-dev xdp-tools iproute2 python3-venv python3-dev
+
+.PHONY: all deps venv demo test bench bench-quick clean
+
+all: venv
+
+# apt only when a package is missing, so repeated runs stay offline and fast.
+deps:
+	@missing=$$(for package in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$package 2>/dev/null | grep -q 'ok installed' \
+			|| echo $$package; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# The editable install compiles the cffi extension and the XDP object.
+venv: deps
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+
+demo: venv
+	$(VENV)/bin/pgwfwd demo
+
+test: venv
+	$(VENV)/bin/python -m pytest
+
+clean:
+	rm -rf build *.egg-info pgwfwd/_native.* pgwfwd/pgwfwd.bpf.o
