@@ -192,8 +192,13 @@ def format_status(status: dict[str, Any]) -> str:
     drops = {name: n for name, n in counters["drops"].items() if n}
     lines.append("drops: " + (", ".join(f"{name} {n}" for name, n in drops.items()) or "none"))
     lines.append("xdp: " + ", ".join(f"{name} {n}" for name, n in counters["xdp"].items()))
+    # Refusals on a line of their own: they are what an operator looks for.
     registration = counters["registration"]
-    lines.append("registrations: " + ", ".join(f"{name} {n}"
-                                               for name, n in registration.items()))
+    accepted = {name: n for name, n in registration.items() if not name.startswith("refused_")}
+    refused = {name.removeprefix("refused_"): n for name, n in registration.items()
+               if name.startswith("refused_")}
+    lines.append("registrations: " + ", ".join(f"{name} {n}" for name, n in accepted.items()))
+    lines.append("refused registrations: " + ", ".join(f"{name} {n}"
+                                                       for name, n in refused.items()))
     lines.append(f"gtp-u reaching the kernel (not forwarded): {counters['gtp_slowpath']}")
     return "\n".join(lines)
