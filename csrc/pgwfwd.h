@@ -21,6 +21,17 @@
 #define PGWFWD_MAX_QUEUES 64
 #define PGWFWD_BATCH 64
 
+/* Selection policies (struct pgwfwd_table.policy). */
+#define PGWFWD_POLICY_WRR 0   /* smooth weighted round robin per datagram */
+#define PGWFWD_POLICY_TEID 1  /* consistent hash of the GTP-U TEID */
+
+/* A wrr slot holding this value defers to the fine slot array. */
+#define PGWFWD_SLOT_FINE 65535
+
+/* Verdicts of pgwfwd_process_frame other than drop reasons. */
+#define PGWFWD_FORWARD -1     /* rewritten for a PGW */
+#define PGWFWD_REPLY -2       /* turned into an answer to its sender */
+
 /* Drop reasons: index into pgwfwd_queue_stats.drops. */
 #define PGWFWD_DROP_NO_PGW 0       /* no live PGW in the table */
 #define PGWFWD_DROP_TRUNCATED 1    /* frame shorter than its headers */
@@ -29,7 +40,8 @@
 #define PGWFWD_DROP_TTL 4          /* TTL would reach 0 */
 #define PGWFWD_DROP_NOT_GTP 5      /* not IPv4/UDP to VIP:gtp-port */
 #define PGWFWD_DROP_TX_FULL 6      /* TX ring had no room */
-#define PGWFWD_DROP_MAX 7
+#define PGWFWD_DROP_ECHO_RESPONSE 7  /* GTP-U Echo Response to the VIP */
+#define PGWFWD_DROP_MAX 8
 
 /* XDP program counters (per-CPU in the kernel, summed by C). */
 #define PGWFWD_XDP_REDIRECTED 0    /* handed to an AF_XDP socket */
@@ -45,11 +57,27 @@ struct pgwfwd_pgw {
 	uint8_t mac[6];    /* next hop's Ethernet address */
 };
 
+/* wrr: slots[] is one cycle of the weights in send order. Weights are
+ * apportioned to whole slots; what is left over of each weight is
+ * apportioned again over fine_slots[], which the PGWFWD_SLOT_FINE entries of
+ * slots[] step through, so the shares hold to about 1 in 2^32.
+ * teid: slots[] maps a hash of the TEID (or, for a payload that is not
+ * GTP-U, of the source address and port) to a PGW; n_slots is a power of
+ * two. n_slots 0: no live PGW, every datagram is dropped. */
 struct pgwfwd_table {
-	uint32_t n_slots;  /* 0: no live PGW, every datagram is dropped */
+	uint32_t policy;
+	uint32_t n_slots;
+	uint32_t n_fine_slots;
 	uint32_t reserved;
 	struct pgwfwd_pgw pgws[PGWFWD_MAX_PGWS];  /* by stable PGW index */
-	uint16_t slots[PGWFWD_MAX_SLOTS];         /* PGW index, in send order */
+	uint16_t slots[PGWFWD_MAX_SLOTS];         /* PGW index or FINE */
+	uint16_t fine_slots[PGWFWD_MAX_SLOTS];    /* PGW index */
+};
+
+/* Where a queue stands in the wrr slot arrays. */
+struct pgwfwd_cursor {
+	uint32_t slot;
+	uint32_t fine_slot;
 };
 
 struct pgwfwd_config {
@@ -75,6 +103,8 @@ struct pgwfwd_queue_stats {
 	uint64_t tx_packets;
 	uint64_t tx_bytes;
 	uint64_t tx_kicks;
+	uint64_t echo_replies;    /* Echo Requests answered */
+	uint64_t not_gtpu;        /* forwarded, but not parseable as GTP-U */
 	uint64_t drops[PGWFWD_DROP_MAX];
 	uint64_t pgw_packets[PGWFWD_MAX_PGWS];
 	uint64_t pgw_bytes[PGWFWD_MAX_PGWS];
@@ -99,14 +129,23 @@ struct pgwfwd_frame_account {
 	uint32_t held;        /* in the loop's free stack */
 };
 
-/* Per-frame path: parse, select, rewrite in place. Returns -1 when the frame
- * is to be transmitted (*pgw_index set), else the drop reason; counting is
- * the caller's. *len is the frame's length, set to what is to be sent
- * (Ethernet padding is trimmed). cursor is the queue's position in the slot
- * array. Pure: no I/O, so tests call it on byte buffers. */
+/* Per-frame path: parse, select, rewrite in place. Returns PGWFWD_FORWARD
+ * (*pgw_index set), PGWFWD_REPLY (an Echo Response to the sender now fills
+ * the frame), or a drop reason; counting is the caller's, but for
+ * *not_gtpu, set to 1 when the payload is not parseable GTP-U. *len is the
+ * frame's length, set to what is to be sent (Ethernet padding is trimmed);
+ * capacity is the room in the buffer, which a reply may need. Pure: no I/O,
+ * so tests call it on byte buffers. */
 int pgwfwd_process_frame(const struct pgwfwd_config *config,
-			 const struct pgwfwd_table *table, uint32_t *cursor,
-			 uint8_t *frame, uint32_t *len, uint32_t *pgw_index);
+			 const struct pgwfwd_table *table,
+			 struct pgwfwd_cursor *cursor, uint8_t *frame,
+			 uint32_t *len, uint32_t capacity,
+			 uint32_t *pgw_index, uint32_t *not_gtpu);
+
+/* The slot of a TEID or of a source address and port under the teid
+ * policy, for tests and for Python's view of where a tunnel goes. */
+uint32_t pgwfwd_teid_slot(uint32_t teid, uint32_t n_slots);
+uint32_t pgwfwd_flow_slot(uint32_t saddr, uint16_t sport, uint32_t n_slots);
 
 /* Table publication, see the top of this file. */
 void pgwfwd_publish(struct pgwfwd_shared *shared, uint64_t generation);

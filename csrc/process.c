@@ -21,6 +21,43 @@
 #include "pgwfwd.h"
 
 #define IP_FRAGMENT_MASK 0x3fff
+#define DEFAULT_TTL 64
+
+/* GTP-U (3GPP TS 29.281) */
+#define GTPU_VERSION 1
+#define GTPU_FLAG_PT 0x10
+#define GTPU_FLAG_E 0x04
+#define GTPU_FLAG_S 0x02
+#define GTPU_FLAG_PN 0x01
+#define GTPU_FLAGS_OPTIONAL (GTPU_FLAG_E | GTPU_FLAG_S | GTPU_FLAG_PN)
+#define GTPU_ECHO_REQUEST 1
+#define GTPU_ECHO_RESPONSE 2
+#define GTPU_IE_RECOVERY 14
+/* Extension headers are walked up to this many; a longer chain is taken
+ * for garbage rather than for a header. */
+#define GTPU_MAX_EXTENSIONS 16
+
+struct gtpu_header {
+	uint8_t flags;
+	uint8_t type;
+	uint16_t length;  /* of what follows these 8 bytes */
+	uint32_t teid;
+} __attribute__((packed));
+
+/* Present when any of E, S, PN is set. */
+struct gtpu_optional {
+	uint16_t sequence;
+	uint8_t npdu;
+	uint8_t next_extension;
+} __attribute__((packed));
+
+/* What the parser learnt of a GTP-U payload. */
+struct gtpu_info {
+	uint32_t teid;      /* host byte order */
+	uint16_t sequence;  /* network byte order, valid with has_sequence */
+	uint8_t type;
+	uint8_t has_sequence;
+};
 
 static const char *const drop_names[PGWFWD_DROP_MAX] = {
 	[PGWFWD_DROP_NO_PGW] = "no_pgw",
@@ -30,6 +67,7 @@ static const char *const drop_names[PGWFWD_DROP_MAX] = {
 	[PGWFWD_DROP_TTL] = "ttl",
 	[PGWFWD_DROP_NOT_GTP] = "not_gtp",
 	[PGWFWD_DROP_TX_FULL] = "tx_full",
+	[PGWFWD_DROP_ECHO_RESPONSE] = "echo_response",
 };
 
 const char *pgwfwd_drop_name(int reason)
@@ -96,42 +134,244 @@ static uint16_t csum_replace(uint16_t check, const uint16_t *old_words,
 	return (uint16_t)~csum_fold(sum);
 }
 
-static int select_pgw(const struct pgwfwd_table *table, uint32_t *cursor,
-		      uint32_t *pgw_index)
+/* Parse a GTP-U message that fills exactly len bytes. Returns 0 when it is
+ * well formed, -1 otherwise; nothing is read past payload + len. */
+static int gtpu_parse(const uint8_t *payload, uint32_t len,
+		      struct gtpu_info *info)
 {
-	uint32_t n_slots = table->n_slots;
-	uint32_t position = *cursor;
-	uint16_t index;
+	const struct gtpu_header *header = (const void *)payload;
+	const struct gtpu_optional *optional;
+	uint32_t end, offset;
+	uint8_t next;
+	int n;
 
-	if (n_slots == 0 || n_slots > PGWFWD_MAX_SLOTS)
-		return PGWFWD_DROP_NO_PGW;
+	/* Mandatory header */
+	if (len < sizeof(*header))
+		return -1;
+	if ((header->flags >> 5) != GTPU_VERSION ||
+	    !(header->flags & GTPU_FLAG_PT))
+		return -1;
+	end = sizeof(*header) + ntohs(header->length);
+	if (end != len)
+		return -1;
+	info->type = header->type;
+	info->teid = ntohl(header->teid);
+	info->has_sequence = 0;
+	if (!(header->flags & GTPU_FLAGS_OPTIONAL))
+		return 0;
 
-	/* A table swap may leave the cursor past a shorter slot array. */
-	if (position >= n_slots)
-		position = 0;
-	index = table->slots[position];
-	*cursor = position + 1 < n_slots ? position + 1 : 0;
+	/* Sequence number, N-PDU number, next extension type */
+	if (end < sizeof(*header) + sizeof(*optional))
+		return -1;
+	optional = (const void *)(payload + sizeof(*header));
+	info->sequence = optional->sequence;
+	info->has_sequence = !!(header->flags & GTPU_FLAG_S);
+	next = header->flags & GTPU_FLAG_E ? optional->next_extension : 0;
 
-	if (index >= PGWFWD_MAX_PGWS)
-		return PGWFWD_DROP_NO_PGW;
-	*pgw_index = index;
-	return -1;
+	/* Extension headers: a length in 4-byte units, the content, and the
+	 * type of the next one in the last byte. */
+	offset = sizeof(*header) + sizeof(*optional);
+	for (n = 0; next != 0; n++) {
+		uint32_t extension_len;
+
+		if (n == GTPU_MAX_EXTENSIONS || offset >= end)
+			return -1;
+		extension_len = payload[offset] * 4u;
+		if (extension_len == 0 || extension_len > end - offset)
+			return -1;
+		next = payload[offset + extension_len - 1];
+		offset += extension_len;
+	}
+	return 0;
+}
+
+/* Avalanche of a 32-bit value (the murmur3 finaliser): tunnel identifiers
+ * are often allocated in sequence, and neighbours must land apart. */
+static uint32_t mix32(uint32_t value)
+{
+	value ^= value >> 16;
+	value *= 0x85ebca6bu;
+	value ^= value >> 13;
+	value *= 0xc2b2ae35u;
+	value ^= value >> 16;
+	return value;
+}
+
+uint32_t pgwfwd_teid_slot(uint32_t teid, uint32_t n_slots)
+{
+	return n_slots ? mix32(teid) & (n_slots - 1) : 0;
+}
+
+uint32_t pgwfwd_flow_slot(uint32_t saddr, uint16_t sport, uint32_t n_slots)
+{
+	uint32_t hash = mix32(ntohl(saddr) ^ mix32(0x10000u | ntohs(sport)));
+
+	return n_slots ? hash & (n_slots - 1) : 0;
+}
+
+/* wrr: the next slot in send order; a FINE slot defers to the next fine
+ * slot. A table swap may leave a cursor past a shorter array. */
+static uint32_t select_wrr(const struct pgwfwd_table *table,
+			   struct pgwfwd_cursor *cursor)
+{
+	uint32_t n_slots = table->n_slots, n_fine = table->n_fine_slots;
+	uint32_t position = cursor->slot < n_slots ? cursor->slot : 0;
+	uint32_t index = table->slots[position];
+
+	cursor->slot = position + 1 < n_slots ? position + 1 : 0;
+	if (index != PGWFWD_SLOT_FINE)
+		return index;
+	if (n_fine == 0 || n_fine > PGWFWD_MAX_SLOTS)
+		return PGWFWD_MAX_PGWS;
+	position = cursor->fine_slot < n_fine ? cursor->fine_slot : 0;
+	cursor->fine_slot = position + 1 < n_fine ? position + 1 : 0;
+	return table->fine_slots[position];
+}
+
+/* Turn an Echo Request into its Echo Response, in place, back to where it
+ * came from: sequence number kept, a Recovery IE (restart counter 0, as
+ * TS 29.281 has it for GTP-U), no other IE. */
+static int echo_reply(const struct pgwfwd_config *config, uint8_t *frame,
+		      uint32_t *len, uint32_t capacity, uint16_t sequence)
+{
+	struct ethhdr *eth = (struct ethhdr *)frame;
+	struct iphdr *ip = (struct iphdr *)(eth + 1);
+	struct udphdr *udp = (struct udphdr *)(ip + 1);
+	struct gtpu_header *gtpu;
+	struct gtpu_optional *optional;
+	uint8_t *recovery;
+	uint32_t reply_len = sizeof(*eth) + sizeof(*ip) + sizeof(*udp) +
+			     sizeof(*gtpu) + sizeof(*optional) + 2;
+	uint32_t peer_addr;
+	uint16_t peer_port, udp_len;
+	uint64_t sum;
+
+	if (reply_len > capacity)
+		return PGWFWD_DROP_TRUNCATED;
+	peer_addr = ip->saddr;
+	peer_port = ((struct udphdr *)((uint8_t *)ip + ip->ihl * 4u))->source;
+
+	/* Ethernet: back to the sender's hop */
+	memcpy(eth->h_dest, eth->h_source, ETH_ALEN);
+	memcpy(eth->h_source, config->src_mac, ETH_ALEN);
+
+	/* GTP-U, written first: the IPv4 options it may overwrite are gone */
+	udp_len = sizeof(*udp) + sizeof(*gtpu) + sizeof(*optional) + 2;
+	gtpu = (struct gtpu_header *)(udp + 1);
+	optional = (struct gtpu_optional *)(gtpu + 1);
+	recovery = (uint8_t *)(optional + 1);
+	gtpu->flags = (GTPU_VERSION << 5) | GTPU_FLAG_PT | GTPU_FLAG_S;
+	gtpu->type = GTPU_ECHO_RESPONSE;
+	gtpu->length = htons(sizeof(*optional) + 2);
+	gtpu->teid = 0;
+	optional->sequence = sequence;
+	optional->npdu = 0;
+	optional->next_extension = 0;
+	recovery[0] = GTPU_IE_RECOVERY;
+	recovery[1] = 0;
+
+	/* UDP and IPv4, without options */
+	udp->source = config->gtp_port;
+	udp->dest = peer_port;
+	udp->len = htons(udp_len);
+	udp->check = 0;
+	ip->version = 4;
+	ip->ihl = sizeof(*ip) / 4;
+	ip->tos = 0;
+	ip->tot_len = htons(sizeof(*ip) + udp_len);
+	ip->frag_off = 0;
+	ip->ttl = DEFAULT_TTL;
+	ip->protocol = IPPROTO_UDP;
+	ip->saddr = config->vip;
+	ip->daddr = peer_addr;
+	ip->check = 0;
+	ip->check = (uint16_t)~csum_fold(csum_add_bytes(0, (uint8_t *)ip,
+							sizeof(*ip)));
+	sum = pseudo_header_sum(ip->saddr, ip->daddr, udp->len);
+	udp->check = (uint16_t)~csum_fold(csum_add_bytes(sum, (uint8_t *)udp,
+							 udp_len));
+	if (!udp->check)
+		udp->check = 0xffff;
+
+	*len = reply_len;
+	return PGWFWD_REPLY;
+}
+
+/* Rewrite the datagram for the PGW: Ethernet, addresses, ports, TTL and
+ * both checksums (see the top of this file for the UDP checksum). */
+static void rewrite(const struct pgwfwd_config *config,
+		    const struct pgwfwd_pgw *pgw, struct ethhdr *eth,
+		    struct iphdr *ip, struct udphdr *udp)
+{
+	uint32_t ip_header_len = ip->ihl * 4u;
+	uint16_t old_words[6], new_words[6];
+	uint32_t old_saddr = ip->saddr, old_daddr = ip->daddr;
+	uint16_t udp_check;
+
+	/* Ethernet */
+	memcpy(eth->h_dest, pgw->mac, ETH_ALEN);
+	memcpy(eth->h_source, config->src_mac, ETH_ALEN);
+
+	/* IPv4 */
+	ip->saddr = config->vip;
+	ip->daddr = pgw->addr;
+	if (config->ttl_decrement)
+		ip->ttl--;
+	ip->check = 0;
+	ip->check = (uint16_t)~csum_fold(csum_add_bytes(0, (uint8_t *)ip,
+							ip_header_len));
+
+	/* UDP; a zero checksum means none and stays so. */
+	memcpy(old_words, &old_saddr, 4);
+	memcpy(old_words + 2, &old_daddr, 4);
+	old_words[4] = udp->source;
+	old_words[5] = udp->dest;
+	udp->source = config->reg_port;
+	udp->dest = pgw->port;
+	memcpy(new_words, &ip->saddr, 4);
+	memcpy(new_words + 2, &ip->daddr, 4);
+	new_words[4] = udp->source;
+	new_words[5] = udp->dest;
+	udp_check = udp->check;
+	if (udp_check == 0)
+		return;
+	{
+		uint16_t partial = csum_fold(pseudo_header_sum(
+			old_saddr, old_daddr, udp->len));
+		uint16_t partial_inverted = (uint16_t)~partial;
+
+		if (udp_check == partial || udp_check == partial_inverted) {
+			uint64_t sum = pseudo_header_sum(ip->saddr, ip->daddr,
+							 udp->len);
+
+			udp->check = 0;
+			sum = csum_add_bytes(sum, (uint8_t *)udp,
+					     ntohs(udp->len));
+			udp_check = (uint16_t)~csum_fold(sum);
+		} else {
+			udp_check = csum_replace(udp_check, old_words,
+						 new_words, 6);
+		}
+	}
+	/* 0 on the wire would mean "no checksum". */
+	udp->check = udp_check ? udp_check : 0xffff;
 }
 
 int pgwfwd_process_frame(const struct pgwfwd_config *config,
-			 const struct pgwfwd_table *table, uint32_t *cursor,
-			 uint8_t *frame, uint32_t *len, uint32_t *pgw_index)
+			 const struct pgwfwd_table *table,
+			 struct pgwfwd_cursor *cursor, uint8_t *frame,
+			 uint32_t *len, uint32_t capacity,
+			 uint32_t *pgw_index, uint32_t *not_gtpu)
 {
 	uint32_t frame_len = *len;
-	const struct pgwfwd_pgw *pgw;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct udphdr *udp;
-	uint32_t ip_header_len, ip_total_len, udp_len;
-	uint16_t old_words[6], new_words[6];
-	uint16_t udp_check;
-	uint32_t old_saddr, old_daddr;
-	int verdict;
+	struct gtpu_info gtpu;
+	uint32_t ip_header_len, ip_total_len, udp_len, n_slots, index;
+	int parsed;
+
+	*not_gtpu = 0;
 
 	/* Ethernet */
 	if (frame_len < sizeof(*eth))
@@ -163,8 +403,6 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	/* Longer frames carry Ethernet padding, trimmed below. */
 	if (sizeof(*eth) + ip_total_len > frame_len)
 		return PGWFWD_DROP_TRUNCATED;
-	if (config->ttl_decrement && ip->ttl <= 1)
-		return PGWFWD_DROP_TTL;
 
 	/* UDP */
 	udp = (struct udphdr *)((uint8_t *)ip + ip_header_len);
@@ -174,61 +412,35 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	if (udp_len != ip_total_len - ip_header_len)
 		return PGWFWD_DROP_BAD_LENGTH;
 
+	/* GTP-U: echo is for us; the rest goes on, parseable or not. */
+	parsed = gtpu_parse((uint8_t *)(udp + 1), udp_len - sizeof(*udp), &gtpu);
+	if (parsed == 0 && gtpu.type == GTPU_ECHO_REQUEST)
+		return echo_reply(config, frame, len, capacity,
+				  gtpu.has_sequence ? gtpu.sequence : 0);
+	if (parsed == 0 && gtpu.type == GTPU_ECHO_RESPONSE)
+		return PGWFWD_DROP_ECHO_RESPONSE;
+	*not_gtpu = parsed != 0;
+	if (config->ttl_decrement && ip->ttl <= 1)
+		return PGWFWD_DROP_TTL;
+
 	/* Select */
-	verdict = select_pgw(table, cursor, pgw_index);
-	if (verdict >= 0)
-		return verdict;
-	pgw = &table->pgws[*pgw_index];
+	n_slots = table->n_slots;
+	if (n_slots == 0 || n_slots > PGWFWD_MAX_SLOTS)
+		return PGWFWD_DROP_NO_PGW;
+	if (table->policy == PGWFWD_POLICY_TEID)
+		index = table->slots[parsed == 0 ?
+			pgwfwd_teid_slot(gtpu.teid, n_slots) :
+			pgwfwd_flow_slot(ip->saddr, udp->source, n_slots)];
+	else
+		index = select_wrr(table, cursor);
+	if (index >= PGWFWD_MAX_PGWS)
+		return PGWFWD_DROP_NO_PGW;
+	*pgw_index = index;
 
-	/* Rewrite Ethernet */
-	memcpy(eth->h_dest, pgw->mac, ETH_ALEN);
-	memcpy(eth->h_source, config->src_mac, ETH_ALEN);
-
-	/* Rewrite IPv4 */
-	old_saddr = ip->saddr;
-	old_daddr = ip->daddr;
-	ip->saddr = config->vip;
-	ip->daddr = pgw->addr;
-	if (config->ttl_decrement)
-		ip->ttl--;
-	ip->check = 0;
-	ip->check = (uint16_t)~csum_fold(csum_add_bytes(0, (uint8_t *)ip,
-							ip_header_len));
-
-	/* Rewrite UDP; a zero checksum means none and stays so. */
-	memcpy(old_words, &old_saddr, 4);
-	memcpy(old_words + 2, &old_daddr, 4);
-	old_words[4] = udp->source;
-	old_words[5] = udp->dest;
-	udp->source = config->reg_port;
-	udp->dest = pgw->port;
-	memcpy(new_words, &ip->saddr, 4);
-	memcpy(new_words + 2, &ip->daddr, 4);
-	new_words[4] = udp->source;
-	new_words[5] = udp->dest;
-	udp_check = udp->check;
-	if (udp_check != 0) {
-		uint16_t partial = csum_fold(pseudo_header_sum(
-			old_saddr, old_daddr, udp->len));
-		uint16_t partial_inverted = (uint16_t)~partial;
-
-		if (udp_check == partial || udp_check == partial_inverted) {
-			uint64_t sum = pseudo_header_sum(ip->saddr, ip->daddr,
-							 udp->len);
-
-			udp->check = 0;
-			sum = csum_add_bytes(sum, (uint8_t *)udp, udp_len);
-			udp_check = (uint16_t)~csum_fold(sum);
-		} else {
-			udp_check = csum_replace(udp_check, old_words,
-						 new_words, 6);
-		}
-		/* 0 on the wire would mean "no checksum". */
-		udp->check = udp_check ? udp_check : 0xffff;
-	}
-
+	/* Rewrite */
+	rewrite(config, &table->pgws[index], eth, ip, udp);
 	*len = sizeof(*eth) + ip_total_len;
-	return -1;
+	return PGWFWD_FORWARD;
 }
 
 void pgwfwd_publish(struct pgwfwd_shared *shared, uint64_t generation)

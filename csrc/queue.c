@@ -39,7 +39,7 @@ struct pgwfwd_queue {
 	struct pgwfwd_shared *shared;
 	struct pgwfwd_queue_stats *stats;
 	uint32_t queue_id;
-	uint32_t cursor;
+	struct pgwfwd_cursor cursor;
 	int stop_fd;
 	int stop;
 
@@ -270,6 +270,7 @@ static void forward_batch(struct pgwfwd_queue *queue, uint32_t n_rx,
 	const struct pgwfwd_table *table;
 	uint64_t tx_addr[PGWFWD_BATCH];
 	uint32_t tx_len[PGWFWD_BATCH];
+	uint32_t frame_size = queue->params.frame_size;
 	uint32_t n_tx = 0, n_reserved, idx_tx, i;
 
 	/* Parse, select, rewrite */
@@ -279,20 +280,27 @@ static void forward_batch(struct pgwfwd_queue *queue, uint32_t n_rx,
 			xsk_ring_cons__rx_desc(&queue->rxq, idx_rx + i);
 		uint64_t addr = xsk_umem__extract_addr(desc->addr);
 		uint8_t *frame = xsk_umem__get_data(queue->umem_area, addr);
-		uint32_t len = desc->len, pgw_index = 0;
+		uint32_t capacity = frame_size - (uint32_t)(addr % frame_size);
+		uint32_t len = desc->len, pgw_index = 0, not_gtpu = 0;
 		int verdict;
 
 		stats->rx_packets++;
 		stats->rx_bytes += len;
 		verdict = pgwfwd_process_frame(config, table, &queue->cursor,
-					       frame, &len, &pgw_index);
+					       frame, &len, capacity,
+					       &pgw_index, &not_gtpu);
+		stats->not_gtpu += not_gtpu;
 		if (verdict >= 0) {
 			stats->drops[verdict]++;
 			free_push(queue, addr);
 			continue;
 		}
-		stats->pgw_packets[pgw_index]++;
-		stats->pgw_bytes[pgw_index] += len;
+		if (verdict == PGWFWD_FORWARD) {
+			stats->pgw_packets[pgw_index]++;
+			stats->pgw_bytes[pgw_index] += len;
+		} else {
+			stats->echo_replies++;
+		}
 		tx_addr[n_tx] = addr;
 		tx_len[n_tx] = len;
 		n_tx++;

@@ -14,7 +14,7 @@ import ipaddress
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -23,6 +23,10 @@ from pgwfwd.errors import PgwfwdError
 from pgwfwd.tables import MAX_PGWS, MAX_SLOTS, PGW_DTYPE
 
 MAX_QUEUES: int = lib.PGWFWD_MAX_QUEUES
+#: Policy numbers as C knows them, by the names the CLI and API use.
+POLICIES: dict[str, int] = {"wrr": lib.PGWFWD_POLICY_WRR, "teid": lib.PGWFWD_POLICY_TEID}
+#: A wrr slot with this value defers to the fine slot array.
+SLOT_FINE: int = lib.PGWFWD_SLOT_FINE
 
 DROP_REASONS: tuple[str, ...] = tuple(
     ffi.string(lib.pgwfwd_drop_name(reason)).decode()
@@ -43,8 +47,8 @@ assert len(KERNEL_COUNTER_NAMES) == lib.PGWFWD_KERNEL_COUNTERS
 
 __all__ = [
     "DROP_REASONS", "KERNEL_COUNTER_NAMES", "MAX_PGWS", "MAX_QUEUES", "MAX_SLOTS", "PGW_DTYPE",
-    "XDP_COUNTER_NAMES", "NativeError", "Queue", "SharedState", "XdpProgram", "process_frame",
-    "set_library_verbosity",
+    "POLICIES", "SLOT_FINE", "XDP_COUNTER_NAMES", "NativeError", "Queue", "SharedState",
+    "XdpProgram", "flow_slot", "process_frame", "set_library_verbosity", "teid_slot",
 ]
 
 
@@ -170,6 +174,11 @@ class SharedState:
                   np.uint16, MAX_SLOTS)
             for i in range(2)
         ]
+        self._fine_slots = [
+            _view(ffi.addressof(self._shared.tables[i].fine_slots), "uint16_t",
+                  np.uint16, MAX_SLOTS)
+            for i in range(2)
+        ]
 
     @property
     def generation(self) -> int:
@@ -180,12 +189,22 @@ class SharedState:
         return self._shared
 
     def publish(self, pgws: np.ndarray, slots: np.ndarray, n_queues: int,
-                timeout: float = 1.0) -> int:
-        """Make (pgws, slots) the live table; returns its generation."""
+                timeout: float = 1.0, *, policy: str = "wrr",
+                fine_slots: np.ndarray | None = None) -> int:
+        """Make the table live for every worker at once; returns its generation.
+
+        pgws: PGW_DTYPE[MAX_PGWS] by PGW index. slots: uint16 PGW indices (wrr: in send
+        order, SLOT_FINE deferring to fine_slots; teid: by hash, a power of two long).
+        """
+        fine = np.zeros(0, dtype=np.uint16) if fine_slots is None else fine_slots
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         if pgws.dtype != PGW_DTYPE or len(pgws) != MAX_PGWS:
             raise ValueError("pgws must be a PGW_DTYPE array of MAX_PGWS entries")
-        if len(slots) > MAX_SLOTS or (len(slots) and int(slots.max()) >= MAX_PGWS):
-            raise ValueError("slots must hold at most MAX_SLOTS PGW indices")
+        _check_slots(slots, allow_fine=policy == "wrr" and len(fine) > 0)
+        _check_slots(fine, allow_fine=False)
+        if policy == "teid" and len(slots) & (len(slots) - 1):
+            raise ValueError("teid slots must be a power of two long")
 
         # Grace period: the buffer to fill served the previous generation.
         deadline = time.monotonic() + timeout
@@ -196,11 +215,25 @@ class SharedState:
 
         generation = self.generation + 1
         buffer = generation & 1
+        table = self._shared.tables[buffer]
         self._pgws[buffer][:] = pgws
         self._slots[buffer][: len(slots)] = slots
-        self._shared.tables[buffer].n_slots = len(slots)
+        self._fine_slots[buffer][: len(fine)] = fine
+        table.policy = POLICIES[policy]
+        table.n_slots = len(slots)
+        table.n_fine_slots = len(fine)
         lib.pgwfwd_publish(self._shared, generation)
         return generation
+
+
+def _check_slots(slots: np.ndarray, allow_fine: bool) -> None:
+    if len(slots) > MAX_SLOTS:
+        raise ValueError(f"at most {MAX_SLOTS} slots")
+    if not len(slots):
+        return
+    top = int(slots.max())
+    if top >= MAX_PGWS and not (allow_fine and top == SLOT_FINE):
+        raise ValueError("slots must hold PGW indices below MAX_PGWS")
 
 
 class Queue:
@@ -243,6 +276,8 @@ class Queue:
             "tx_packets": int(stats.tx_packets),
             "tx_bytes": int(stats.tx_bytes),
             "tx_kicks": int(stats.tx_kicks),
+            "echo_replies": int(stats.echo_replies),
+            "not_gtpu": int(stats.not_gtpu),
             "drops": {name: int(stats.drops[i]) for i, name in enumerate(DROP_REASONS)},
         }
 
@@ -270,26 +305,54 @@ class Queue:
         return self._queue
 
 
-def process_frame(shared: SharedState, frame: bytearray,
-                  cursor: list[int] | None = None) -> tuple[str | None, int, bytes]:
+def teid_slot(teid: int, n_slots: int) -> int:
+    """The slot of a TEID under the teid policy, as C computes it."""
+    return int(lib.pgwfwd_teid_slot(teid, n_slots))
+
+
+def flow_slot(address: str, port: int, n_slots: int) -> int:
+    """The slot of a source address and port (payloads that are not GTP-U)."""
+    return int(lib.pgwfwd_flow_slot(_ipv4_network_order(address), _port_network_order(port),
+                                    n_slots))
+
+
+class FrameResult(NamedTuple):
+    """What the C per-frame path made of one frame."""
+
+    verdict: str      # "forward", "reply" or the drop reason
+    pgw_index: int    # the PGW chosen, -1 unless forwarded
+    frame: bytes      # the frame as it would leave (unchanged when dropped)
+    not_gtpu: bool    # the payload was not parseable GTP-U
+
+
+class FrameCursor:
+    """A queue's position in the wrr slot arrays, for process_frame()."""
+
+    def __init__(self) -> None:
+        self.struct: Any = ffi.new("struct pgwfwd_cursor *")
+
+
+def process_frame(shared: SharedState, frame: bytes | bytearray,
+                  cursor: FrameCursor | None = None, capacity: int = 2048) -> FrameResult:
     """Run the C per-frame path on a copy of frame, as a worker would.
 
-    Returns (drop reason or None when forwarded, PGW index, the frame as it
-    would leave). cursor is a one-element list holding the slot position,
-    updated in place. For tests and benchmarks.
+    For tests and benchmarks. cursor carries the wrr position from call to call.
     """
-    buffer = ffi.new("uint8_t[]", bytes(frame))
+    buffer = ffi.new("uint8_t[]", max(capacity, len(frame)))
+    buffer[0:len(frame)] = bytes(frame)
     length = ffi.new("uint32_t *", len(frame))
-    position = ffi.new("uint32_t *", cursor[0] if cursor else 0)
     pgw_index = ffi.new("uint32_t *", 0)
+    not_gtpu = ffi.new("uint32_t *", 0)
+    position = (cursor or FrameCursor()).struct
     shared_struct = shared.pointer
 
     table = shared_struct.tables[shared.generation & 1]
     verdict = lib.pgwfwd_process_frame(ffi.addressof(shared_struct.config),
-                                       ffi.addressof(table), position, buffer,
-                                       length, pgw_index)
-    if cursor is not None:
-        cursor[0] = position[0]
-    if verdict >= 0:
-        return DROP_REASONS[verdict], -1, bytes(frame)
-    return None, int(pgw_index[0]), bytes(ffi.buffer(buffer, length[0]))
+                                       ffi.addressof(table), position, buffer, length,
+                                       len(buffer), pgw_index, not_gtpu)
+    if verdict == lib.PGWFWD_FORWARD:
+        return FrameResult("forward", int(pgw_index[0]), bytes(ffi.buffer(buffer, length[0])),
+                           bool(not_gtpu[0]))
+    if verdict == lib.PGWFWD_REPLY:
+        return FrameResult("reply", -1, bytes(ffi.buffer(buffer, length[0])), False)
+    return FrameResult(DROP_REASONS[verdict], -1, bytes(frame), bool(not_gtpu[0]))

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import ARP, Ether
-from scapy.contrib.gtp import GTP_U_Header
+from scapy.contrib.gtp import (IE_Recovery, GTPEchoRequest, GTPEchoResponse, GTPHeader,
+                               GTPPDUSessionContainer, GTP_U_Header)
+from scapy.packet import Raw
 from scapy.utils import checksum
 
-from pgwfwd.native import MAX_PGWS, PGW_DTYPE, SharedState, process_frame
+from pgwfwd.native import (MAX_PGWS, MAX_SLOTS, PGW_DTYPE, SLOT_FINE, FrameCursor, SharedState,
+                           flow_slot, process_frame, teid_slot)
 
 VIP = "198.18.0.1"
 VIP_MAC = "02:00:00:00:00:01"
@@ -23,15 +26,34 @@ PGWS = [("198.18.0.11", 40001, "02:00:00:00:00:11"),
         ("198.18.0.12", 40002, "02:00:00:00:00:12")]
 
 
-@pytest.fixture
-def shared() -> SharedState:
-    state = SharedState(VIP, 2152, 3000, bytes.fromhex(VIP_MAC.replace(":", "")))
+def pgw_array() -> np.ndarray:
     pgws = np.zeros(MAX_PGWS, dtype=PGW_DTYPE)
     for index, (addr, port, mac) in enumerate(PGWS):
         pgws[index]["addr"] = int.from_bytes(bytes(map(int, addr.split("."))), "big")
         pgws[index]["port"] = port
         pgws[index]["mac"] = list(bytes.fromhex(mac.replace(":", "")))
-    state.publish(pgws, np.array([0, 1], dtype=np.uint16), n_queues=0)
+    return pgws
+
+
+def new_shared() -> SharedState:
+    return SharedState(VIP, 2152, 3000, bytes.fromhex(VIP_MAC.replace(":", "")))
+
+
+@pytest.fixture
+def shared() -> SharedState:
+    state = new_shared()
+    state.publish(pgw_array(), np.array([0, 1], dtype=np.uint16), n_queues=0)
+    return state
+
+
+#: A teid table that alternates the two PGWs slot by slot.
+ALTERNATING = (np.arange(MAX_SLOTS) % 2).astype(np.uint16)
+
+
+@pytest.fixture
+def teid_shared() -> SharedState:
+    state = new_shared()
+    state.publish(pgw_array(), ALTERNATING, n_queues=0, policy="teid")
     return state
 
 
@@ -63,8 +85,8 @@ def pseudo_header_sum(frame: Ether) -> int:
 
 def test_forwarded_frame_matches_reference(shared: SharedState) -> None:
     payload = gtpu()
-    verdict, pgw, out = process_frame(shared, bytearray(bytes(sgw_frame(payload))))
-    assert verdict is None and pgw == 0
+    verdict, pgw, out, not_gtpu = process_frame(shared, bytes(sgw_frame(payload)))
+    assert verdict == "forward" and pgw == 0 and not not_gtpu
     assert out == expected(payload, 0)
 
 
@@ -72,8 +94,8 @@ def test_partial_udp_checksum_is_completed(shared: SharedState) -> None:
     payload = gtpu(payload=b"odd length!")
     frame = sgw_frame(payload)
     frame[UDP].chksum = pseudo_header_sum(Ether(bytes(frame)))
-    verdict, _, out = process_frame(shared, bytearray(bytes(frame)))
-    assert verdict is None
+    verdict, _, out, _ = process_frame(shared, bytes(frame))
+    assert verdict == "forward"
     assert out == expected(payload, 0)
     assert checksum(bytes(Ether(out)[IP])[:20]) == 0
 
@@ -82,7 +104,7 @@ def test_zero_udp_checksum_stays_zero(shared: SharedState) -> None:
     payload = gtpu()
     frame = sgw_frame(payload)
     frame[UDP].chksum = 0
-    _, _, out = process_frame(shared, bytearray(bytes(frame)))
+    out = process_frame(shared, bytes(frame)).frame
     assert Ether(out)[UDP].chksum == 0
     reference = Ether(expected(payload, 0))
     reference[UDP].chksum = 0
@@ -92,35 +114,43 @@ def test_zero_udp_checksum_stays_zero(shared: SharedState) -> None:
 def test_ethernet_padding_is_trimmed(shared: SharedState) -> None:
     payload = b"\x30\xff\x00\x00\x00\x00\x00\x01"
     frame = bytes(sgw_frame(payload)) + bytes(20)
-    verdict, _, out = process_frame(shared, bytearray(frame))
-    assert verdict is None
+    verdict, _, out, _ = process_frame(shared, frame)
+    assert verdict == "forward"
     assert out == expected(payload, 0)
 
 
 def test_ip_options_are_kept(shared: SharedState) -> None:
     payload = gtpu()
     options = b"\x94\x04\x00\x00"  # router alert
-    verdict, _, out = process_frame(shared, bytearray(bytes(sgw_frame(payload,
-                                                                      options=options))))
-    assert verdict is None
+    verdict, _, out, _ = process_frame(shared, bytes(sgw_frame(payload, options=options)))
+    assert verdict == "forward"
     assert out == expected(payload, 0, options=options)
 
 
 def test_slots_are_followed_in_order(shared: SharedState) -> None:
-    cursor = [0]
-    chosen = [process_frame(shared, bytearray(bytes(sgw_frame(gtpu()))), cursor)[1]
+    cursor = FrameCursor()
+    chosen = [process_frame(shared, bytes(sgw_frame(gtpu())), cursor).pgw_index
               for _ in range(5)]
     assert chosen == [0, 1, 0, 1, 0]
 
 
+def test_fine_slots_are_stepped_through_on_their_own_cursor() -> None:
+    state = new_shared()
+    state.publish(pgw_array(), np.array([0, SLOT_FINE, 0], dtype=np.uint16), n_queues=0,
+                  fine_slots=np.array([1, 0, 1], dtype=np.uint16))
+    cursor = FrameCursor()
+    chosen = [process_frame(state, bytes(sgw_frame(gtpu())), cursor).pgw_index
+              for _ in range(9)]
+    assert chosen == [0, 1, 0, 0, 0, 0, 0, 1, 0]
+
+
 def test_empty_table_drops_as_no_pgw() -> None:
     state = SharedState(VIP, 2152, 3000, bytes(6))
-    verdict, _, _ = process_frame(state, bytearray(bytes(sgw_frame(gtpu()))))
-    assert verdict == "no_pgw"
+    assert process_frame(state, bytes(sgw_frame(gtpu()))).verdict == "no_pgw"
 
 
-def _truncate(frame: bytes, length: int) -> bytearray:
-    return bytearray(frame[:length])
+def _truncate(frame: bytes, length: int) -> bytes:
+    return frame[:length]
 
 
 GOOD = bytes(sgw_frame(gtpu()))
@@ -168,6 +198,105 @@ def _ip_length(delta: int) -> bytes:
 )
 def test_bad_frames_are_dropped_with_reason(shared: SharedState, frame: bytes,
                                             reason: str) -> None:
-    verdict, _, out = process_frame(shared, bytearray(frame))
+    verdict, _, out, _ = process_frame(shared, frame)
     assert verdict == reason
     assert out == bytes(frame)
+
+
+# GTP-U parsing: what parses picks by TEID, what does not is still forwarded.
+
+def _with_extensions() -> bytes:
+    header = GTP_U_Header(teid=0xABCDEF, gtp_type=255, E=1, next_ex=0x85)
+    return bytes(header / GTPPDUSessionContainer(type=1, QFI=9) / Raw(b"\x45" + bytes(27)))
+
+
+def _raw_gtpu(flags: int, length_delta: int = 0, body: bytes = bytes(12)) -> bytes:
+    return bytes([flags, 255]) + (len(body) + length_delta).to_bytes(2, "big") + \
+        (7).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("payload", "parseable"),
+    [
+        pytest.param(gtpu(), True, id="g-pdu"),
+        pytest.param(_with_extensions(), True, id="extension-chain"),
+        pytest.param(bytes(GTP_U_Header(teid=5, gtp_type=255, S=1, seq=9) / b"data"), True,
+                     id="sequence-number"),
+        pytest.param(_raw_gtpu(0x50), False, id="version-2"),
+        pytest.param(_raw_gtpu(0x20), False, id="gtp-prime"),
+        pytest.param(_raw_gtpu(0x30, +1), False, id="length-past-udp"),
+        pytest.param(_raw_gtpu(0x30, -1), False, id="length-short-of-udp"),
+        pytest.param(_raw_gtpu(0x34, body=bytes(3) + b"\x85" + b"\x02" + bytes(3)), False,
+                     id="extension-past-end"),
+        pytest.param(_raw_gtpu(0x34, body=bytes(3) + b"\x85" + b"\x00" + bytes(7)), False,
+                     id="extension-length-0"),
+        pytest.param(_raw_gtpu(0x32, body=b"\x00"), False, id="optional-word-cut"),
+        pytest.param(b"\x30\xff", False, id="shorter-than-header"),
+        pytest.param(b"", False, id="empty"),
+    ],
+)
+def test_gtpu_payloads_parse_or_fall_back(teid_shared: SharedState, payload: bytes,
+                                          parseable: bool) -> None:
+    result = process_frame(teid_shared, bytes(sgw_frame(payload)))
+    assert result.verdict == "forward"
+    assert result.not_gtpu is not parseable
+    assert result.frame == expected(payload, result.pgw_index)
+
+
+def test_teid_policy_picks_by_teid(teid_shared: SharedState) -> None:
+    for teid in (1, 2, 3, 0xFFFFFFFF, 0x12345678):
+        for sport in (2152, 40000):
+            frame = sgw_frame(gtpu(teid=teid))
+            frame[UDP].sport = sport
+            pgw = process_frame(teid_shared, bytes(frame)).pgw_index
+            assert pgw == ALTERNATING[teid_slot(teid, MAX_SLOTS)]
+
+
+def test_teid_policy_hashes_other_payloads_by_source(teid_shared: SharedState) -> None:
+    for sport in range(40000, 40020):
+        frame = sgw_frame(b"not gtp-u at all")
+        frame[UDP].sport = sport
+        pgw = process_frame(teid_shared, bytes(frame)).pgw_index
+        assert pgw == ALTERNATING[flow_slot(SGW, sport, MAX_SLOTS)]
+
+
+def test_teid_slots_spread_sequential_teids() -> None:
+    counts = np.bincount([teid_slot(teid, 16) for teid in range(16_000)], minlength=16)
+    assert counts.min() > 900 and counts.max() < 1100
+
+
+# Echo: the distributor is the SGW's GTP-U peer and answers itself.
+
+@pytest.mark.parametrize("options", [b"", b"\x94\x04\x00\x00"], ids=["plain", "ip-options"])
+def test_echo_request_is_answered_to_its_sender(shared: SharedState, options: bytes) -> None:
+    request = sgw_frame(bytes(GTPHeader(gtp_type=1, S=1, seq=0x4321) / GTPEchoRequest()),
+                        options=options)
+    request[UDP].sport = 41000
+    result = process_frame(shared, bytes(request))
+    assert result.verdict == "reply"
+
+    reply = Ether(result.frame)
+    assert (reply.src, reply.dst) == (VIP_MAC, SGW_MAC)
+    assert (reply[IP].src, reply[IP].dst) == (VIP, SGW)
+    assert (reply[UDP].sport, reply[UDP].dport) == (2152, 41000)
+    # scapy binds GTP to UDP only when both ports are 2152: decode the payload explicitly.
+    gtp = GTPHeader(bytes(reply[UDP].payload))
+    assert (gtp.version, gtp.PT, gtp.gtp_type, gtp.seq, gtp.teid) == (1, 1, 2, 0x4321, 0)
+    assert gtp.length == len(bytes(reply[UDP].payload)) - 8
+    assert [type(ie) for ie in gtp[GTPEchoResponse].IE_list] == [IE_Recovery]
+    # scapy recomputes both checksums from scratch: they must come out the same.
+    rebuilt = reply.copy()
+    del rebuilt[IP].chksum, rebuilt[UDP].chksum
+    assert bytes(Ether(bytes(rebuilt))) == result.frame
+
+
+def test_echo_response_to_the_vip_is_dropped(shared: SharedState) -> None:
+    response = sgw_frame(bytes(GTPHeader(gtp_type=2, S=1, seq=1) / GTPEchoResponse(
+        IE_list=[IE_Recovery()])))
+    assert process_frame(shared, bytes(response)).verdict == "echo_response"
+
+
+def test_echo_reply_needs_room(shared: SharedState) -> None:
+    request = bytes(sgw_frame(bytes(GTPHeader(gtp_type=1, S=1, seq=1) / GTPEchoRequest())))
+    assert len(request) < 56
+    assert process_frame(shared, request, capacity=len(request)).verdict == "truncated"
