@@ -14,6 +14,7 @@ import click
 
 from pgwfwd.distributor import Distributor, control_socket_path, control_socket_paths, query
 from pgwfwd.errors import ConfigError, NotRunningError, PgwfwdError
+from pgwfwd.tables import POLICIES
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +103,17 @@ def setup_logging(verbose: bool) -> None:
               help="Seconds after its last registration that a PGW stops receiving.")
 @click.option("--queues", default=None, type=click.IntRange(1, 64),
               help="Receive queues to serve [all, at most one per CPU].")
+@click.option("--policy", default="wrr", show_default=True, type=click.Choice(POLICIES),
+              help="wrr: spread datagrams by weight; teid: keep each GTP-U tunnel on one "
+                   "PGW (consistent hash of the TEID).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def run(iface: str, vip: str | None, gtp_port: int, reg_port: int, expiry: float,
-        queues: int | None, verbose: bool) -> None:
+        queues: int | None, policy: str, verbose: bool) -> None:
     """Forward GTP-U on IFACE in the foreground until SIGINT or SIGTERM."""
     setup_logging(verbose)
     try:
         distributor = Distributor(iface, vip=vip, gtp_port=gtp_port, reg_port=reg_port,
-                                  expiry=expiry, queues=queues)
+                                  expiry=expiry, queues=queues, policy=policy)
     except ConfigError as error:
         raise CliError(error_message(error), exit_code=2) from None
     except (PgwfwdError, OSError) as error:
@@ -144,19 +148,7 @@ def run(iface: str, vip: str | None, gtp_port: int, reg_port: int, expiry: float
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 def status(iface: str | None, as_json: bool) -> None:
     """Show the PGW table and counters of the pgwfwd instances in this network namespace."""
-    paths = [control_socket_path(iface)] if iface else control_socket_paths()
-    answers = []
-    for path in paths:
-        try:
-            answers.append(query(path, {"cmd": "status"}))
-        except NotRunningError:
-            continue
-        except (OSError, ValueError) as error:
-            raise CliError(f"cannot read the status from {path}: {error_message(error)}") from None
-
-    if not answers:
-        where = f"on {iface}" if iface else "in this network namespace"
-        raise CliError(f"no pgwfwd is running {where}")
+    answers = [answer for _, answer in _ask_instances(iface, {"cmd": "status"}, "the status")]
 
     if as_json:
         if len(answers) > 1:
@@ -167,13 +159,69 @@ def status(iface: str | None, as_json: bool) -> None:
     click.echo("\n\n".join(format_status(answer) for answer in answers))
 
 
+@main.command()
+@click.option("--iface", default=None, help="The instance on this interface.")
+@click.argument("name", metavar="NAME", type=click.Choice(POLICIES))
+def policy(iface: str | None, name: str) -> None:
+    """Switch the selection policy of the running instance to NAME.
+
+    wrr spreads datagrams by weight; teid keeps each GTP-U tunnel on one PGW. The switch
+    loses no datagram.
+    """
+    instances = _ask_instances(iface, {"cmd": "ping"}, "the instance")
+    if len(instances) > 1:
+        names = ", ".join(_iface_of(path) for path, _ in instances)
+        raise CliError(f"pgwfwd runs on {names}: choose one with --iface")
+
+    path = instances[0][0]
+    try:
+        answer = query(path, {"cmd": "policy", "policy": name})
+    except (OSError, ValueError) as error:
+        raise CliError(f"cannot set the policy through {path}: {error_message(error)}") from None
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        message = answer.get("error") if isinstance(answer, dict) else answer
+        raise CliError(f"{_iface_of(path)}: {message}")
+    click.echo(f"{_iface_of(path)}: policy {answer['policy']}")
+
+
+def _ask_instances(iface: str | None, request: dict[str, Any],
+                   what: str) -> list[tuple[str, Any]]:
+    """(control socket path, answer) of each instance that answers request; CliError when
+    none runs (on iface, or in this network namespace)."""
+    paths = [control_socket_path(iface)] if iface else control_socket_paths()
+    answers = []
+    for path in paths:
+        try:
+            answers.append((path, query(path, request)))
+        except NotRunningError:
+            continue
+        except (OSError, ValueError) as error:
+            raise CliError(f"cannot read {what} from {path}: {error_message(error)}") from None
+
+    if not answers:
+        where = f"on {iface}" if iface else "in this network namespace"
+        raise CliError(f"no pgwfwd is running {where}")
+    return answers
+
+
+def _iface_of(path: str) -> str:
+    """The interface in a control socket's name, <netns inode>-<iface>.sock."""
+    name = path.rsplit("/", 1)[-1]
+    return name.split("-", 1)[-1].removesuffix(".sock")
+
+
 def format_status(status: dict[str, Any]) -> str:
     """An aligned, human-readable rendering of one control socket status answer."""
-    lines = [f"{status['iface']}: forwarding GTP-U to {status['vip']}:{status['gtp_port']}, "
-             f"registrations on port {status['reg_port']}, {status['queues']} queues, "
-             f"expiry {status['expiry']:g} s, up {status['uptime']:.0f} s"]
+    # Under wrr a PGW's share is of the datagrams; under teid, of the hash table's slots.
+    policy = status.get("policy", "wrr")
+    header = (f"{status['iface']}: forwarding GTP-U to {status['vip']}:{status['gtp_port']}, "
+              f"policy {policy}, registrations on port {status['reg_port']}, "
+              f"{status['queues']} queues, expiry {status['expiry']:g} s, "
+              f"up {status['uptime']:.0f} s")
+    lines = [header]
 
-    rows = [("PGW", "WEIGHT", "SHARE", "PACKETS", "AGE", "NEXT HOP MAC")]
+    share = "SLOTS" if policy == "teid" else "SHARE"
+    rows = [("PGW", "WEIGHT", share, "PACKETS", "AGE", "NEXT HOP MAC")]
     for pgw in status["pgws"]:
         rows.append((f"{pgw['addr']}:{pgw['port']}", str(pgw["weight"]),
                      f"{100 * pgw['share']:.2f}%", str(pgw["packets"]), f"{pgw['age']:.1f}s",
@@ -188,7 +236,9 @@ def format_status(status: dict[str, Any]) -> str:
             lines.append("  ".join(cells).rstrip())
 
     counters = status["counters"]
-    lines.append(f"rx {counters['rx_packets']} packets, tx {counters['tx_packets']} packets")
+    lines.append(f"rx {counters['rx_packets']} packets, tx {counters['tx_packets']} packets, "
+                 f"echo replies {counters.get('echo_replies', 0)}, "
+                 f"forwarded non-GTP-U {counters.get('not_gtpu', 0)}")
     drops = {name: n for name, n in counters["drops"].items() if n}
     lines.append("drops: " + (", ".join(f"{name} {n}" for name, n in drops.items()) or "none"))
     lines.append("xdp: " + ", ".join(f"{name} {n}" for name, n in counters["xdp"].items()))

@@ -6,8 +6,13 @@ Threads:
 - one control thread that owns the registry and the tables. It waits on a selector for
   registrations, neighbour events, datagrams that reached the kernel's GTP-U socket, a wake-up
   pipe, and the registry's next deadline (the select timeout), and republishes the tables
-  after every change: join, leave, weight change, expiry, MAC change;
-- one thread answering the control socket (`pgwfwd status`).
+  after every change: join, leave, weight change, expiry, MAC change, policy change;
+- one thread answering the control socket (`pgwfwd status`, `pgwfwd policy`).
+
+The published table is that of the current policy (tables.POLICIES): wrr, a smooth weighted
+round robin rebuilt at each publication, or teid, a consistent hash of the TEID whose
+TeidTable the control thread keeps in step with the forwardable PGWs under either policy, so
+that a switch is one publication like any other.
 
 The registry and the neighbour table are only changed by the control thread, under
 self._lock so that the views (pgws(), counters(), the control socket) read them consistently.
@@ -33,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from pgwfwd import tables
-from pgwfwd.errors import AlreadyRunningError, ConfigError, NotRunningError, RuntimeFailure
+from pgwfwd.errors import (AlreadyRunningError, ConfigError, NotRunningError, PgwfwdError,
+                           RuntimeFailure)
 from pgwfwd.registry import Event, EventKind, Refused, Registry, subnet_broadcast
 
 log = logging.getLogger(__name__)
@@ -56,7 +62,7 @@ class PgwView:
     addr: str
     port: int
     weight: int
-    share: float           # of the datagrams it now receives; 0 until its MAC is known
+    share: float           # wrr: of the datagrams; teid: of the hash slots; 0 without a MAC
     packets: int           # forwarded to it since it joined
     bytes: int
     age: float             # seconds since its last registration
@@ -70,6 +76,13 @@ class InterfaceInfo:
     mac: bytes
     ipv4: list[tuple[str, int]]   # (address, prefix length), in the kernel's order
     rx_queues: int
+
+
+def _check_policy(name: str) -> None:
+    try:
+        tables.check_policy(name)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def interface_info(iface: str) -> InterfaceInfo:
@@ -175,13 +188,15 @@ class Distributor:
 
     Checks its settings when built (ConfigError, also a ValueError), starts with start() or
     `with`, stops with stop(). vip defaults to the interface's first IPv4 address; queues to
-    the interface's receive queue count, at most one per CPU.
+    the interface's receive queue count, at most one per CPU. policy is the selection
+    policy, "wrr" or "teid"; set_policy() changes it at any time.
     """
 
     def __init__(self, iface: str, vip: str | None = None, gtp_port: int = 2152,
                  reg_port: int = 3000, expiry: float = 3.0, queues: int | None = None,
                  object_path: str | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, policy: str = "wrr") -> None:
+        _check_policy(policy)
         for name, port in (("gtp port", gtp_port), ("registration port", reg_port)):
             if not 0 < port < 65536:
                 raise ConfigError(f"{name} must be 1..65535, not {port}")
@@ -203,6 +218,12 @@ class Distributor:
 
         self.registry = Registry(iface, expiry, clock, subnet_broadcast(self.vip, prefixlen))
         self._lock = threading.RLock()
+        self._policy = policy
+        # set_policy() calls, and the last of them that a publication carried out.
+        self._policy_requests = 0
+        self._policy_published = 0
+        self._published = threading.Condition(self._lock)
+        self._teid = tables.TeidTable()
         self._lifecycle = threading.Lock()
         self._started = False
         self._stopped = False
@@ -253,8 +274,9 @@ class Distributor:
             raise
 
         self._started_at = self.clock()
-        log.info("%s: forwarding GTP-U to %s:%d on %d queue%s", self.iface, self.vip,
-                 self.gtp_port, self.n_queues, "" if self.n_queues == 1 else "s")
+        log.info("%s: forwarding GTP-U to %s:%d on %d queue%s, policy %s", self.iface,
+                 self.vip, self.gtp_port, self.n_queues, "" if self.n_queues == 1 else "s",
+                 self._policy)
 
     def stop(self) -> None:
         """Stops forwarding, detaches and frees everything; safe to call more than once."""
@@ -282,6 +304,39 @@ class Distributor:
     @property
     def running(self) -> bool:
         return self._started and not self._done.is_set()
+
+    @property
+    def policy(self) -> str:
+        """The selection policy: "wrr" or "teid"."""
+        return self._policy
+
+    def set_policy(self, name: str, timeout: float = CONTROL_TIMEOUT) -> None:
+        """Switches the selection policy ("wrr" or "teid"; ConfigError for another name).
+
+        While running, returns once the data plane uses it. The switch is one table
+        publication: each queue moves from the old table to the new one between two
+        batches, so no datagram is lost.
+        """
+        _check_policy(name)
+        with self._lock:
+            if name != self._policy:
+                log.info("%s: policy %s -> %s", self.iface, self._policy, name)
+                self._policy = name
+                self._policy_requests += 1
+                self._dirty = True
+            # The same policy again waits for an earlier switch to it, if one is pending.
+            request = self._policy_requests
+            if not self.running:
+                return
+        self._wake()
+
+        with self._published:
+            done = self._published.wait_for(
+                lambda: (self._policy_published >= request or self._stopping.is_set()
+                         or self._done.is_set()), timeout)
+        if not done:
+            raise RuntimeFailure(errno.ETIMEDOUT,
+                                 f"{self.iface}: the {name} table was not published in time")
 
     def __enter__(self) -> Distributor:
         self.start()
@@ -319,7 +374,8 @@ class Distributor:
 
         counters: dict[str, Any] = {
             name: sum(q[name] for q in queues)
-            for name in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes")
+            for name in ("rx_packets", "rx_bytes", "tx_packets", "tx_bytes", "echo_replies",
+                         "not_gtpu")
         }
         drop_names = sorted({name for q in queues for name in q["drops"]})
         counters["drops"] = {name: sum(q["drops"].get(name, 0) for q in queues)
@@ -341,6 +397,7 @@ class Distributor:
             "reg_port": self.reg_port,
             "expiry": self.expiry,
             "queues": self.n_queues,
+            "policy": self._policy,
             "pid": os.getpid(),
             "uptime": self.clock() - self._started_at if self._started_at else 0.0,
             "generation": self._generation,
@@ -413,11 +470,22 @@ class Distributor:
                 answer: dict[str, Any] = self.status()
             elif command == "ping":
                 answer = {"ok": True}
+            elif command == "policy":
+                answer = self._answer_policy(request.get("policy"))
             else:
                 answer = {"error": f"unknown command {command!r}"}
         except (ValueError, UnicodeDecodeError) as error:
             answer = {"error": f"bad request: {error}"}
         wfile.write(json.dumps(answer).encode() + b"\n")
+
+    def _answer_policy(self, name: object) -> dict[str, Any]:
+        if not isinstance(name, str):
+            return {"error": f"policy must be one of {', '.join(tables.POLICIES)}"}
+        try:
+            self.set_policy(name)
+        except PgwfwdError as error:
+            return {"error": str(error)}
+        return {"ok": True, "policy": self.policy, "iface": self.iface}
 
     def _open_sockets(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -491,6 +559,8 @@ class Distributor:
         with self._lock:
             self.registry.remove_all()
             self._shares = np.zeros(tables.MAX_PGWS)
+            self._teid = tables.TeidTable()
+            self._published.notify_all()
 
     def _close_control_socket(self) -> None:
         if self._server is None:
@@ -561,6 +631,8 @@ class Distributor:
         if self._error is None:
             self._error = error
         self._done.set()
+        with self._published:
+            self._published.notify_all()   # a set_policy() waiting for the control thread
 
     def _wake(self) -> None:
         if self._wake_w is not None:
@@ -662,30 +734,45 @@ class Distributor:
                 self._dirty = True
 
     def _publish(self) -> None:
-        """Builds the tables from the forwardable PGWs and hands them to the data plane."""
+        """Builds the table of the current policy from the forwardable PGWs and hands it to
+        the data plane; the teid table follows every change under either policy."""
         with self._lock:
             forwardable = []
             for entry in self.registry:
                 mac = self._neighbours.mac(entry.key) if self._neighbours else None
                 if mac is not None:
                     forwardable.append((entry, mac))
-            slots = tables.build_slots((entry.index, entry.weight) for entry, _ in forwardable)
             tables.fill_pgw_array(((e.index, e.addr, e.port, mac) for e, mac in forwardable),
                                   out=self._pgw_array)
+            policy = self._policy
+            request = self._policy_requests
             self._dirty = False
 
+        # Only this thread (or start(), before it runs) touches the teid table.
+        self._teid.sync({entry.key: (entry.index, entry.weight) for entry, _ in forwardable})
+        fine_slots = None
+        if policy == "wrr":
+            wrr = tables.build_wrr((entry.index, entry.weight) for entry, _ in forwardable)
+            slots, fine_slots, shares = wrr.slots, wrr.fine_slots, wrr.shares()
+        else:
+            slots, shares = self._teid.slots(), self._teid.shares()
+
         try:
-            self._generation = self._shared.publish(self._pgw_array, slots, self.n_queues)
+            self._generation = self._shared.publish(self._pgw_array, slots, self.n_queues,
+                                                    policy=policy, fine_slots=fine_slots)
         except OSError as error:
             log.warning("%s: publishing the table failed, retrying: %s", self.iface, error)
-            self._dirty = True
+            with self._lock:
+                self._dirty = True
             return
 
-        shares = tables.slot_shares(slots)
         with self._lock:
             self._shares = shares
-        log.debug("%s: table %d: %d pgws in %d slots", self.iface, self._generation,
-                  len(forwardable), slots.size)
+            self._policy_published = request
+            self._published.notify_all()
+        log.debug("%s: table %d (%s): %d pgws in %d slots, %d fine slots", self.iface,
+                  self._generation, policy, len(forwardable), slots.size,
+                  0 if fine_slots is None else fine_slots.size)
 
     def _pgw_counters(self) -> tuple[np.ndarray, np.ndarray]:
         packets = np.zeros(tables.MAX_PGWS, dtype=np.uint64)

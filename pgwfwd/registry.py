@@ -252,5 +252,5 @@ def subnet_broadcast(addr: str, prefixlen: int) -> str | None:
 
 
 def weights_of(entries: Iterable[PgwEntry]) -> list[tuple[int, int]]:
-    """(index, weight) of each entry, the input of tables.build_slots()."""
+    """(index, weight) of each entry, the input of tables.build_wrr()."""
     return [(entry.index, entry.weight) for entry in entries]
