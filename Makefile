@@ -35,3 +35,20 @@ test: venv
 
 clean:
 	rm -rf build *.egg-info pgwfwd/_native.* pgwfwd/pgwfwd.bpf.o
+
+# The benchmark suite (bench/README.md): micro-benchmarks, then pgwfwd side by side with
+# its baselines in a lab of its own. Writes bench/results/latest.{json,md,png}.
+BENCH_PYTEST := $(VENV)/bin/python -m pytest bench -m benchmark -p no:cacheprovider -q \
+	--benchmark-json bench/results/micro.json
+
+bench: venv
+	$(MAKE) -C bench deps all
+	mkdir -p bench/results
+	$(BENCH_PYTEST)
+	$(VENV)/bin/python bench/suite.py --micro-json bench/results/micro.json
+
+bench-quick: venv
+	$(MAKE) -C bench deps all
+	mkdir -p bench/results
+	$(BENCH_PYTEST) --benchmark-max-time 0.1 --benchmark-min-rounds 3
+	$(VENV)/bin/python bench/suite.py --quick --micro-json bench/results/micro.json

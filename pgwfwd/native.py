@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -91,6 +92,13 @@ def _port_network_order(port: int) -> int:
     return int.from_bytes(port.to_bytes(2, "big"), "little")
 
 
+def _interface_name(ifindex: int) -> str:
+    try:
+        return socket.if_indextoname(ifindex)
+    except OSError:
+        return f"ifindex {ifindex}"
+
+
 def _view(pointer: Any, ctype: str, dtype: Any, count: int) -> np.ndarray:
     """A numpy array over C memory (no copy); the owner must outlive it."""
     buffer = ffi.buffer(pointer, ffi.sizeof(ctype) * count)
@@ -113,7 +121,7 @@ class XdpProgram:
         )
         if result < 0:
             text = ffi.string(message).decode() or os.strerror(-result)
-            raise NativeError(-result, text)
+            raise NativeError(-result, f"{_interface_name(ifindex)}: {text}")
         self._xdp: Any = handle[0]
         self.ifindex = ifindex
 
