@@ -21,13 +21,12 @@ import numpy as np
 
 from pgwfwd._native import ffi, lib
 from pgwfwd.errors import PgwfwdError
-from pgwfwd.tables import MAX_PGWS, MAX_SLOTS, PGW_DTYPE
+from pgwfwd.tables import MAX_PGWS, MAX_SLOTS, PGW_DTYPE, SLOT_FINE
+from pgwfwd.tables import POLICIES as POLICY_NAMES
 
 MAX_QUEUES: int = lib.PGWFWD_MAX_QUEUES
 #: Policy numbers as C knows them, by the names the CLI and API use.
 POLICIES: dict[str, int] = {"wrr": lib.PGWFWD_POLICY_WRR, "teid": lib.PGWFWD_POLICY_TEID}
-#: A wrr slot with this value defers to the fine slot array.
-SLOT_FINE: int = lib.PGWFWD_SLOT_FINE
 
 DROP_REASONS: tuple[str, ...] = tuple(
     ffi.string(lib.pgwfwd_drop_name(reason)).decode()
@@ -42,6 +41,7 @@ KERNEL_COUNTER_NAMES: tuple[str, ...] = (
 # tables.py states the layout without needing the compiled module; it must be C's.
 assert PGW_DTYPE.itemsize == ffi.sizeof("struct pgwfwd_pgw")
 assert (MAX_PGWS, MAX_SLOTS) == (lib.PGWFWD_MAX_PGWS, lib.PGWFWD_MAX_SLOTS)
+assert SLOT_FINE == lib.PGWFWD_SLOT_FINE and tuple(POLICIES) == POLICY_NAMES
 assert len(XDP_COUNTER_NAMES) == lib.PGWFWD_XDP_COUNTERS
 assert len(KERNEL_COUNTER_NAMES) == lib.PGWFWD_KERNEL_COUNTERS
 

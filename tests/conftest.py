@@ -7,7 +7,9 @@ reason; with CI=true a skip would hide a broken set-up, so they fail instead.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 
 import pytest
@@ -16,9 +18,20 @@ from pgwfwd.lab import DistributorProcess, Lab, LabConfig
 
 NETNS_MARKER = "netns: needs root and network namespaces (skips elsewhere, fails on CI=true)"
 
-# The test suite's lab has its own namespace names, so that it never removes a lab
-# that someone built with `pgwfwd lab up` or that a running demo uses.
-TEST_LAB_PREFIX = "pgwfwd-test"
+# The test suite's lab has its own namespace names, so that it never removes a lab that
+# someone built with `pgwfwd lab up` or that a running demo uses, nor the lab of a test
+# run going on in another checkout: the names carry the pid of the run.
+TEST_LAB_PREFIX = "pgwfwd-t"
+
+
+def _remove_labs_of_dead_runs() -> None:
+    """A killed run cannot tear its lab down: the next run does, by the pid in the name."""
+    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    for line in listing.stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        match = re.fullmatch(rf"{TEST_LAB_PREFIX}(\d+)-(ld|peers)", name)
+        if match and not os.path.exists(f"/proc/{match.group(1)}"):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,7 +68,8 @@ def lab() -> Iterator[Lab]:
     if reason is not None:
         pytest.skip(reason)
 
-    test_lab = Lab(LabConfig.with_prefix(TEST_LAB_PREFIX))
+    _remove_labs_of_dead_runs()
+    test_lab = Lab(LabConfig.with_prefix(f"{TEST_LAB_PREFIX}{os.getpid()}"))
     test_lab.up(replace=True)
     try:
         yield test_lab
