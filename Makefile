@@ -21,11 +21,18 @@ deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-# The editable install compiles the cffi extension and the XDP object.
-venv: deps
+# The editable install compiles the cffi extension and the XDP object. It runs again only
+# when what it builds from changed (Python sources need no reinstall: the install is
+# editable), so a repeated `make test` goes straight to the tests, offline too.
+INSTALLED := $(VENV)/.installed
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard csrc/*.c csrc/*.h csrc/*.py bpf/*.c bpf/*.h)
+
+venv: deps $(INSTALLED)
+
+$(INSTALLED): $(BUILD_INPUTS) | deps
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
 
 demo: venv
 	$(VENV)/bin/pgwfwd demo

@@ -171,7 +171,8 @@ int pgwfwd_queue_kernel_stats(const struct pgwfwd_queue *queue,
 			      uint64_t *counters);
 void pgwfwd_queue_destroy(struct pgwfwd_queue *queue);
 
-/* The XDP program on an interface. */
+/* The XDP program on an interface. On success, message holds a note worth
+ * logging (a stale program replaced) or is empty; on failure, the reason. */
 struct pgwfwd_xdp;
 int pgwfwd_xdp_attach(struct pgwfwd_xdp **out, int ifindex,
 		      const char *object_path, uint32_t vip, uint16_t gtp_port,

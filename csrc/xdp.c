@@ -102,6 +102,8 @@ static int remove_stale(int ifindex, char *message, uint32_t size)
 	if (err)
 		say(message, size, "cannot remove the XDP program of an "
 		    "earlier run: %s", strerror(-err));
+	else
+		say(message, size, "replaced the XDP program of an earlier run");
 out:
 	xdp_multiprog__close(attached);
 	return err;

@@ -3,6 +3,7 @@ table once a second and the drop counters at the end. Run as root: embed.py IFAC
 
 import argparse
 import logging
+import signal
 import sys
 
 from pgwfwd import Distributor, PgwfwdError
@@ -28,6 +29,8 @@ if __name__ == "__main__":
     parser.add_argument("seconds", type=int)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    # pgwfwd installs no signal handlers: SIGTERM must unwind through the with block too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run(args.iface, args.seconds)
     except (PgwfwdError, OSError) as error:

@@ -97,8 +97,10 @@ def setup_logging(verbose: bool) -> None:
 @main.command()
 @click.option("--iface", required=True, help="Interface that SGWs and PGWs reach.")
 @click.option("--vip", default=None, help="Address SGWs send to [first IPv4 of the interface].")
-@click.option("--gtp-port", default=2152, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--reg-port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--gtp-port", default=2152, show_default=True, type=click.IntRange(1, 65535),
+              help="UDP port that SGWs send GTP-U to.")
+@click.option("--reg-port", default=3000, show_default=True, type=click.IntRange(1, 65535),
+              help="UDP port that PGWs register on; also the source port of what they get.")
 @click.option("--expiry", default=3.0, show_default=True, type=click.FloatRange(min=0.001),
               help="Seconds after its last registration that a PGW stops receiving.")
 @click.option("--queues", default=None, type=click.IntRange(1, 64),

@@ -48,6 +48,9 @@ class RoundResult:
     spread: float               # min/max of received/weight over the live PGWs
 
 
+DEMO_LAB_PREFIX = "pgwfwd-demo"
+
+
 def run_demo(
     count: int = DEMO_COUNT,
     rate: float = DEMO_RATE,
@@ -58,7 +61,9 @@ def run_demo(
 ) -> None:
     """Run the demo; raises DemoFailure (or another PgwfwdError) when a check fails.
     Whatever happens, the distributor is stopped and the lab removed."""
-    lab = Lab(lab_config or LabConfig())
+    # Namespaces of its own: the demo must not take over a lab that someone built with
+    # `pgwfwd lab up` and may be using.
+    lab = Lab(lab_config or LabConfig.with_prefix(DEMO_LAB_PREFIX))
     if lab.is_up():
         echo(f"{lab.config.ld_netns}: removing a lab left over from an earlier run")
     lab.up(replace=True)

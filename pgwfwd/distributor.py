@@ -44,6 +44,8 @@ from pgwfwd.registry import Event, EventKind, Refused, Registry, subnet_broadcas
 
 log = logging.getLogger(__name__)
 
+IFF_LOOPBACK = 0x8  # from <net/if.h>
+
 RUN_DIR = "/run/pgwfwd"
 MAX_QUEUES = 64
 #: Datagrams read from one socket per wake-up, so that expiry is never held up for long.
@@ -76,6 +78,7 @@ class InterfaceInfo:
     mac: bytes
     ipv4: list[tuple[str, int]]   # (address, prefix length), in the kernel's order
     rx_queues: int
+    loopback: bool
 
 
 def _check_policy(name: str) -> None:
@@ -104,7 +107,8 @@ def interface_info(iface: str) -> InterfaceInfo:
     mac = bytes.fromhex(lladdr.replace(":", ""))
     if len(mac) != 6:
         raise ConfigError(f"interface {iface} is not an Ethernet interface")
-    return InterfaceInfo(iface, index, mac, ipv4, rx_queue_count(iface))
+    return InterfaceInfo(iface, index, mac, ipv4, rx_queue_count(iface),
+                         bool(link["flags"] & IFF_LOOPBACK))
 
 
 def rx_queue_count(iface: str) -> int:
@@ -511,6 +515,10 @@ class Distributor:
         from pgwfwd import native
         from pgwfwd.neighbours import NeighbourTable
 
+        # Loopback's address is 6 zero bytes, but no PGW can register over it (loopback
+        # sources are refused), so an instance there could never forward anything.
+        if self.info.loopback:
+            raise ConfigError(f"interface {self.iface} is loopback: no PGW can register there")
         self._neighbours = NeighbourTable(self.iface, self.info.index, self.clock)
         self._xdp = native.XdpProgram(self.info.index, self.vip, self.gtp_port, self.object_path)
         self._shared = native.SharedState(self.vip, self.gtp_port, self.reg_port, self.info.mac)
@@ -656,6 +664,9 @@ class Distributor:
                 self._expire()
                 if self._dirty:
                     self._publish()
+        except RuntimeFailure as error:   # a failure of the system, said in one line
+            log.error("%s: %s", self.iface, error.strerror or error)
+            self._fail(error)
         except Exception as error:
             log.exception("%s: control thread failed", self.iface)
             self._fail(error)

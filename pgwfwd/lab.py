@@ -388,7 +388,9 @@ def lab_up(replace: bool) -> None:
         f"{cfg.peers_netns}: {cfg.peer_iface} PGWs {cfg.pgw_addresses[0]}-"
         f"{cfg.pgw_addresses[-1]}, SGWs {cfg.sgw_addresses[0]}-{cfg.sgw_addresses[-1]}"
     )
-    run_line = shlex.join(lab.ld_command(["pgwfwd", "run", "--iface", cfg.ld_iface]))
+    # This very interpreter, so that the line works whether or not a venv is active.
+    run_line = shlex.join(lab.ld_command([sys.executable, "-m", "pgwfwd", "run", "--iface",
+                                          cfg.ld_iface]))
     click.echo(f"run the distributor: {run_line}")
 
 

@@ -10,6 +10,7 @@ the binding.
 from __future__ import annotations
 
 import errno
+import logging
 import ipaddress
 import os
 import socket
@@ -69,6 +70,8 @@ def set_library_verbosity(verbosity: int) -> None:
     lib.pgwfwd_set_library_verbosity(verbosity)
 
 
+log = logging.getLogger(__name__)
+
 # libxdp narrates its dispatcher fallback on every attach; quiet until asked.
 lib.pgwfwd_set_library_verbosity(0)
 
@@ -119,9 +122,12 @@ class XdpProgram:
             handle, ifindex, path.encode(), _ipv4_network_order(vip),
             _port_network_order(gtp_port), message, len(message),
         )
+        text = ffi.string(message).decode()
         if result < 0:
-            text = ffi.string(message).decode() or os.strerror(-result)
-            raise NativeError(-result, f"{_interface_name(ifindex)}: {text}")
+            raise NativeError(-result,
+                              f"{_interface_name(ifindex)}: {text or os.strerror(-result)}")
+        if text:
+            log.info("%s: %s", _interface_name(ifindex), text)
         self._xdp: Any = handle[0]
         self.ifindex = ifindex
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_NEIGH
+from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 from pyroute2.netlink.rtnl.ndmsg import (NTF_USE, NUD_DELAY, NUD_NOARP, NUD_PERMANENT,
                                          NUD_PROBE, NUD_REACHABLE, NUD_STALE)
@@ -70,7 +70,8 @@ class NeighbourTable:
                                          socket.NETLINK_ROUTE)
         except OSError as error:
             raise RuntimeFailure(error.errno, f"{iface}: cannot open netlink: {error}") from None
-        self._events.bind((0, RTMGRP_NEIGH))
+        # Link events too: the interface vanishing ends the distributor (handle_events).
+        self._events.bind((0, RTMGRP_NEIGH | RTMGRP_LINK))
         self._events.setblocking(False)
         self._marshal = MarshalRtnl()
 
@@ -208,6 +209,8 @@ class NeighbourTable:
             log.warning("%s: cannot resolve %s: %s", self.iface, next_hop, error)
 
     def _apply(self, message: Any) -> set[PgwKey]:
+        if message.get("event") == "RTM_DELLINK" and message.get("index") == self.ifindex:
+            raise RuntimeFailure(errno.ENODEV, "the interface went away")
         if message.get("family") != socket.AF_INET or message.get("ifindex") != self.ifindex:
             return set()
         next_hop = message.get("NDA_DST")

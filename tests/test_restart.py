@@ -151,7 +151,9 @@ def foreign_object(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("foreign-xdp")
     source, target = directory / "pass.c", directory / "pass.o"
     source.write_text(FOREIGN_SOURCE)
-    subprocess.run(["clang", "-O2", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu",
+    machine = subprocess.run(["gcc", "-dumpmachine"], check=True, capture_output=True,
+                             text=True).stdout.strip()
+    subprocess.run(["clang", "-O2", "-target", "bpf", f"-I/usr/include/{machine}",
                     "-c", str(source), "-o", str(target)], check=True, timeout=60)
     return target
 
