@@ -19,7 +19,7 @@ def run(iface: str, seconds: int) -> None:
                       f"{pgw.share:>7.1%} {pgw.packets:>9} {pgw.age:>5.1f}s"
                       for pgw in distributor.pgws()]
             print("\n".join(lines), end="\n\n", flush=True)
-        drops = distributor.counters()["drops"]   # before the end: stop() frees them
+    drops = distributor.counters()["drops"]   # the last values, kept by stop()
     print("drops:", ", ".join(f"{reason} {count}" for reason, count in drops.items()))
 
 

@@ -45,6 +45,9 @@ from pgwfwd.registry import Event, EventKind, Refused, Registry, subnet_broadcas
 log = logging.getLogger(__name__)
 
 IFF_LOOPBACK = 0x8  # from <net/if.h>
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+#: Receive buffer of the registration and GTP-U sockets (bytes).
+RECEIVE_BUFFER = 4 << 20
 
 RUN_DIR = "/run/pgwfwd"
 MAX_QUEUES = 64
@@ -254,6 +257,7 @@ class Distributor:
         self._shares = np.zeros(tables.MAX_PGWS)
         self._pgw_array = tables.empty_pgw_array()
         self._baseline = np.zeros((2, tables.MAX_PGWS), dtype=np.uint64)
+        self._final_counters: tuple[list[dict[str, Any]], dict[str, int]] | None = None
         self._gtp_slowpath = 0
         self._started_at = 0.0
 
@@ -368,13 +372,11 @@ class Distributor:
         return sorted(views, key=lambda view: (ipaddress.IPv4Address(view.addr), view.port))
 
     def counters(self) -> dict[str, Any]:
-        """Counters: totals over the queues at the top, then per queue under "queues"."""
-        queues = []
-        for queue_id, queue in enumerate(self._queues):
-            stats = dict(queue.stats())
-            stats["queue"] = queue_id
-            stats["frames"] = dict(queue.frames())
-            queues.append(stats)
+        """Counters: totals over the queues at the top, then per queue under "queues".
+
+        After stop() they are the last values the data plane counted.
+        """
+        queues, xdp = self._final_counters or self._data_plane_counters()
 
         counters: dict[str, Any] = {
             name: sum(q[name] for q in queues)
@@ -388,9 +390,23 @@ class Distributor:
         with self._lock:
             counters["registration"] = dict(self.registry.counters)
             counters["gtp_slowpath"] = self._gtp_slowpath
-        counters["xdp"] = dict(self._xdp.counters()) if self._xdp else {}
+        counters["xdp"] = xdp
         counters["queues"] = queues
         return counters
+
+    def _data_plane_counters(self) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Per-queue counters and the XDP program's, read live from the data plane."""
+        queues = []
+        for queue_id, queue in enumerate(self._queues):
+            stats = dict(queue.stats())
+            stats["queue"] = queue_id
+            stats["frames"] = dict(queue.frames())
+            queues.append(stats)
+        return queues, dict(self._xdp.counters()) if self._xdp else {}
+
+    def _keep_final_counters(self) -> None:
+        # The counters live in the queues and the XDP maps, which stop() frees.
+        self._final_counters = self._data_plane_counters()
 
     def status(self) -> dict[str, Any]:
         """Everything `pgwfwd status` shows, as JSON-ready values."""
@@ -509,6 +525,12 @@ class Distributor:
             raise RuntimeFailure(error.errno, f"{self.iface}: cannot bind the {purpose} port "
                                  f"{self.vip}:{port}: {error.strerror}") from None
         sock.setblocking(False)
+        # Bursts of registrations (every PGW refreshing in the same second, or a storm)
+        # must wait in the socket rather than overflow it; root may exceed rmem_max.
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         return sock
 
     def _start_data_plane(self) -> None:
@@ -552,6 +574,7 @@ class Distributor:
             ("control socket", self._close_control_socket),
             ("control thread", self._join_control),
             ("workers", self._stop_workers),
+            ("final counters", self._keep_final_counters),
             ("xdp program", self._detach_xdp),
             ("queues", self._close_queues),
             ("sockets", self._close_sockets),
