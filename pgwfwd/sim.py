@@ -8,8 +8,10 @@ them, a datagram counted here proves that the distributor addressed it right and
 its IPv4 and UDP checksums were valid.
 
 A simulated SGW sends GTP-U G-PDUs to VIP:gtp-port from several sources, paced to a
-rate. Each payload carries a sequence number and a CRC-32 over the whole datagram, so
-the PGW side can tell that the payload arrived byte-for-byte unchanged.
+rate, with a TEID that changes with every datagram or cycles through a given list. Each
+payload carries a sequence number and a CRC-32 over the whole datagram, so the PGW side
+can tell that the payload arrived byte-for-byte unchanged; it can also note each
+datagram's TEID, to show which tunnels reached which PGW.
 
 Both can create their sockets inside a named network namespace (the lab's peers), from
 the current process.
@@ -26,6 +28,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -122,6 +125,12 @@ def datagram_seq(data: bytes) -> tuple[int, int]:
     return source, seq
 
 
+def datagram_teid(data: bytes) -> int:
+    """The TEID in the GTP-U header of one of our datagrams."""
+    teid: int = GTPU_HEADER.unpack_from(data)[3]
+    return teid
+
+
 @contextlib.contextmanager
 def _maybe_netns(name: str | None) -> Iterator[None]:
     if name is None:
@@ -161,6 +170,10 @@ class SimPgw:
     last_refresh: float | None = None
     #: every (arrival time, source index, sequence) when recording is on
     arrivals: list[tuple[float, int, int]] = field(default_factory=list)
+    #: when recording arrivals: every datagram that is not one of our SGW's, as it came
+    foreign: list[bytes] = field(default_factory=list)
+    #: when recording TEIDs: datagrams received per TEID (of our SGW's datagrams)
+    teids: Counter[int] = field(default_factory=Counter)
     sock: socket.socket | None = field(default=None, repr=False)
 
     @property
@@ -174,6 +187,8 @@ class SimPgw:
         self.first_arrival = None
         self.last_arrival = None
         self.arrivals = []
+        self.foreign = []
+        self.teids = Counter()
 
 
 class PgwSimulator:
@@ -188,12 +203,14 @@ class PgwSimulator:
         netns: str | None = None,
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         record_arrivals: bool = False,
+        record_teids: bool = False,
     ) -> None:
         self.vip = vip
         self.reg_port = reg_port
         self.netns = netns
         self.refresh_interval = refresh_interval
         self.record_arrivals = record_arrivals
+        self.record_teids = record_teids
         self.pgws: list[SimPgw] = []
         for spec in pgws:
             if len(spec) == 2:
@@ -351,6 +368,10 @@ class PgwSimulator:
                 pgw.last_arrival = arrival
                 if self.record_arrivals and intact:
                     pgw.arrivals.append((arrival, *datagram_seq(data)))
+                elif self.record_arrivals:
+                    pgw.foreign.append(data)
+                if self.record_teids and intact:
+                    pgw.teids[datagram_teid(data)] += 1
 
     # Results.
 
@@ -474,11 +495,16 @@ class SgwSimulator:
         """Send one datagram of any content from one of the sources."""
         self._socks[source].sendto(data, (self.vip, self.gtp_port))
 
-    def send(self, count: int, rate: float = 0.0) -> SendResult:
-        """Send count datagrams at rate per second (0: as fast as possible). The TEID
-        and the sequence number change with every datagram; sources take turns."""
+    def send(self, count: int, rate: float = 0.0,
+             teids: Sequence[int] | None = None) -> SendResult:
+        """Send count datagrams at rate per second (0: as fast as possible); sources take
+        turns. The sequence number changes with every datagram, and so does the TEID:
+        counting up, or, with teids, cycling through them from the first on each call."""
         if not self._socks:
             raise SimError(errno.ENOTCONN, "sgw: not open")
+        if teids is not None and not teids:
+            raise ValueError("teids: give at least one TEID, or None")
+        n_teids = len(teids) if teids is not None else 0
         socks = self._socks
         n_socks = len(socks)
         destination = (self.vip, self.gtp_port)
@@ -494,8 +520,12 @@ class SgwSimulator:
                     time.sleep(ahead)
 
             source = i % n_socks
-            data = build(self._next_teid, source, self._next_seq)
-            self._next_teid = (self._next_teid + 1) & 0xFFFF_FFFF or 1
+            if teids is None:
+                teid = self._next_teid
+                self._next_teid = (self._next_teid + 1) & 0xFFFF_FFFF or 1
+            else:
+                teid = teids[i % n_teids]
+            data = build(teid, source, self._next_seq)
             self._next_seq += 1
             try:
                 socks[source].sendto(data, destination)
