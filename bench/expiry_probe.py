@@ -1,11 +1,11 @@
 """Expiry lateness of a real Distributor: how long after its deadline a PGW leaves the table.
 
 Run inside the lab's distributor namespace (with bpffs, see Lab.ld_command). Registers
-PGWs from the peers' namespace once each, at spread-out times, never refreshes them, and
-watches every table the distributor publishes. A PGW's deadline is the time the registry
-took its registration plus the expiry time; it has left when the first table without it
-is published (the data plane switches to it at that moment). Prints one JSON line:
-{"lateness_ms": [...]}.
+PGWs from the peers' namespace once each, at random times over --spread seconds (0: all at
+once, so that they all expire together), never refreshes them, and watches every table the
+distributor publishes. A PGW's deadline is the time the registry took its registration plus
+the expiry time; it has left when the first table without it is published (the data plane
+switches to it at that moment). Prints one JSON line: {"lateness_ms": [...]}.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any
 
 from pgwfwd.distributor import Distributor
 from pgwfwd.lab import PGW_ADDRESSES, in_netns
+from pgwfwd.native import SLOT_FINE
 from pgwfwd.registry import Event
 
 
@@ -57,11 +58,17 @@ def main() -> int:
     assert distributor._shared is not None
     publish = distributor._shared.publish
 
-    def publish_and_note(pgws: Any, slots: Any, n_queues: int, timeout: float = 1.0) -> int:
-        generation: int = publish(pgws, slots, n_queues, timeout)
+    def publish_and_note(pgws: Any, slots: Any, n_queues: int, timeout: float = 1.0,
+                         **policy: Any) -> int:
+        generation: int = publish(pgws, slots, n_queues, timeout, **policy)
         now = distributor.clock()
+        # A PGW is in the table when a slot or a fine slot (wrr) names it.
+        fine_slots = policy.get("fine_slots")
+        indices = set(slots.tolist())
+        if fine_slots is not None:
+            indices |= set(fine_slots.tolist())
         present = {(str_addr(int(pgws[i]["addr"])), int(pgws[i]["port"]))
-                   for i in set(slots.tolist())}
+                   for i in indices - {SLOT_FINE}}
         with lock:
             for key, deadline in deadlines.items():
                 if key not in left and key not in present and now >= deadline:
@@ -77,7 +84,9 @@ def main() -> int:
                 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
                 sock.bind((PGW_ADDRESSES[i % len(PGW_ADDRESSES)], 0))
                 sockets.append(sock)
-        offsets = sorted(random.Random(4).uniform(0, args.spread) for _ in sockets)
+        # One generator for all offsets (a fresh one per PGW would give them all the same).
+        rng = random.Random(4)
+        offsets = sorted(rng.uniform(0, args.spread) for _ in sockets)
         start = time.monotonic()
         for sock, offset in zip(sockets, offsets):
             time.sleep(max(0.0, start + offset - time.monotonic()))
