@@ -782,13 +782,15 @@ class Distributor:
             request = self._policy_requests
             self._dirty = False
 
-        # Only this thread (or start(), before it runs) touches the teid table.
-        self._teid.sync({entry.key: (entry.index, entry.weight) for entry, _ in forwardable})
+        # Only this thread (or start(), before it runs) touches the teid table. Under wrr
+        # it is brought up to date after the publication, off the path of an expiry.
+        members = {entry.key: (entry.index, entry.weight) for entry, _ in forwardable}
         fine_slots = None
         if policy == "wrr":
             wrr = tables.build_wrr((entry.index, entry.weight) for entry, _ in forwardable)
             slots, fine_slots, shares = wrr.slots, wrr.fine_slots, wrr.shares()
         else:
+            self._teid.sync(members)
             slots, shares = self._teid.slots(), self._teid.shares()
 
         try:
@@ -807,6 +809,8 @@ class Distributor:
         log.debug("%s: table %d (%s): %d pgws in %d slots, %d fine slots", self.iface,
                   self._generation, policy, len(forwardable), slots.size,
                   0 if fine_slots is None else fine_slots.size)
+        if policy == "wrr":
+            self._teid.sync(members)   # ready for a switch to teid
 
     def _pgw_counters(self) -> tuple[np.ndarray, np.ndarray]:
         packets = np.zeros(tables.MAX_PGWS, dtype=np.uint64)

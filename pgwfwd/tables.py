@@ -408,8 +408,12 @@ class TeidTable:
             raise ValueError("PGW indices must be distinct")
 
         changed = False
-        for key in [key for key in self._members if key not in wanted]:
-            self.leave(key)
+        # All leavers at once: their slots are scored again in one pass, so PGWs expiring
+        # together cost one leave, not one each.
+        leavers = [key for key in self._members if key not in wanted]
+        if leavers:
+            gone = np.array([self._members.pop(key).key for key in leavers], dtype=np.uint64)
+            self._rescore(np.flatnonzero(np.isin(self._owner_keys, gone)))
             changed = True
         # Relabel first, then change weights, so that no two members ever share an index.
         for key, (index, weight) in wanted.items():
