@@ -119,6 +119,7 @@ struct pgwfwd_ring_params {
 	uint32_t comp_size;
 	uint32_t batch;        /* at most PGWFWD_BATCH */
 	uint32_t bind_flags;   /* XDP_COPY, XDP_ZEROCOPY, or 0 to let it pick */
+	uint32_t tx_budget;    /* frames one transmit call may send; 0: kernel's */
 };
 
 /* Frame accounting of one queue (all frames of the UMEM are somewhere). */

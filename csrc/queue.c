@@ -24,6 +24,13 @@
 
 #define IDLE_POLL_MS 1000
 
+/* In copy mode one transmit system call sends at most this many frames
+ * (32 unless raised); kernel 6.17 made it a socket option, which libxdp
+ * 1.3.1's headers do not name yet. */
+#ifndef XDP_MAX_TX_SKB_BUDGET
+#define XDP_MAX_TX_SKB_BUDGET 9
+#endif
+
 struct pgwfwd_queue {
 	/* Rings, named as libxdp names them. */
 	struct xsk_ring_prod fq;
@@ -63,6 +70,9 @@ static const struct pgwfwd_ring_params default_params = {
 	.comp_size = 4096,
 	.batch = PGWFWD_BATCH,
 	.bind_flags = 0,
+	/* Measured on veth in copy mode (bench/): 256 forwarded about 13% more
+	 * than the kernel's 32, and 64 to 1024 alike. */
+	.tx_budget = 256,
 };
 
 static int is_power_of_two(uint32_t value)
@@ -155,6 +165,13 @@ int pgwfwd_queue_create(struct pgwfwd_queue **out, const char *ifname,
 	err = xsk_socket__update_xskmap(queue->xsk, xskmap_fd);
 	if (err)
 		goto err_socket;
+
+	/* Let one kick send a whole batch; older kernels say ENOPROTOOPT and
+	 * keep their 32, which costs kicks, not correctness. */
+	if (params->tx_budget)
+		setsockopt(xsk_socket__fd(queue->xsk), SOL_XDP,
+			   XDP_MAX_TX_SKB_BUDGET, &params->tx_budget,
+			   sizeof(params->tx_budget));
 
 	/* Free stack, then the fill ring */
 	queue->free_frames = calloc(params->n_frames, sizeof(uint64_t));

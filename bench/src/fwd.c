@@ -45,6 +45,7 @@
 #define FILL_SIZE 4096
 #define COMP_SIZE 4096
 #define BATCH 64
+#define TX_BUDGET 256
 #define IDLE_POLL_MS 1000
 
 struct settings {
@@ -438,6 +439,9 @@ static void run_xsk(struct settings *s)
 					bpf_object__find_map_fd_by_name(obj, "xsks_map"));
 	if (err)
 		die("xskmap", err);
+	/* The same transmit budget as pgwfwd's (csrc/queue.c): SOL_XDP option 9. */
+	setsockopt(xsk_socket__fd(f->xsk), SOL_XDP, 9, &(uint32_t){ TX_BUDGET },
+		   sizeof(uint32_t));
 	for (i = 0; i < N_FRAMES; i++)
 		f->free_frames[i] = (uint64_t)i * FRAME_SIZE;
 	f->n_free = N_FRAMES;
