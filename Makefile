@@ -4,9 +4,9 @@
 PYTHON ?= python3
 VENV := .venv
 APT_PACKAGES := clang llvm gcc make pkg-config libxdp-dev libbpf-dev libelf-dev \
-	zlib1g-dev xdp-tools iproute2 python3-venv python3-dev
+	zlib1g-dev xdp-tools iproute2 python3-venv python3-dev libclang-rt-14-dev
 
-.PHONY: all deps venv demo test bench bench-quick clean
+.PHONY: all deps venv demo test fuzz bench bench-quick clean
 
 all: venv
 
@@ -39,6 +39,23 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest
+	$(MAKE) fuzz
+
+# The per-frame C path under libFuzzer with ASan and UBSan (fuzz/fuzz_process.c) for
+# FUZZ_SECONDS; any crash or broken promise fails, and its input is left in build/fuzz/.
+# The seeds are built with scapy each time; the corpus grows in build/fuzz/corpus.
+FUZZ_SECONDS ?= 60
+FUZZ_DIR := build/fuzz
+
+fuzz: venv
+	mkdir -p $(FUZZ_DIR)/corpus
+	clang-14 -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined \
+		-fno-sanitize-recover=all -Wall -Wextra -Icsrc \
+		fuzz/fuzz_process.c csrc/process.c -o $(FUZZ_DIR)/fuzz_process
+	rm -rf $(FUZZ_DIR)/seeds
+	$(VENV)/bin/python fuzz/make_seeds.py $(FUZZ_DIR)/seeds
+	$(FUZZ_DIR)/fuzz_process -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+		-artifact_prefix=$(FUZZ_DIR)/ $(FUZZ_DIR)/corpus $(FUZZ_DIR)/seeds
 
 clean:
 	rm -rf build *.egg-info pgwfwd/_native.* pgwfwd/pgwfwd.bpf.o

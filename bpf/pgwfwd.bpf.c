@@ -2,7 +2,9 @@
 /* pgwfwd's XDP program: hand IPv4 UDP datagrams for VIP:gtp-port to the
  * AF_XDP socket of the receive queue; let everything else through to the
  * kernel untouched, so ARP, ICMP, registrations and the rest behave as if
- * pgwfwd were not there. */
+ * pgwfwd were not there. GTP-U that an AF_XDP socket cannot take (IPv4
+ * fragments, frames longer than a UMEM frame) goes to the kernel too, where
+ * pgwfwd's slow-path socket picks it up. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -71,6 +73,11 @@ int pgwfwd_xdp(struct xdp_md *ctx)
 	udp = (void *)ip + ip->ihl * 4;
 	if ((void *)(udp + 1) > data_end || udp->dest != settings.gtp_port)
 		return count(XDP_CNT_PASSED, XDP_PASS);
+
+	/* A frame longer than a UMEM frame holds would be dropped by the
+	 * socket; the kernel's own stack takes it, like a fragment. */
+	if (data_end - data > settings.max_frame_len)
+		return count(XDP_CNT_TOO_BIG, XDP_PASS);
 
 	/* AF_XDP socket of this queue, if pgwfwd runs one there */
 	queue = ctx->rx_queue_index;

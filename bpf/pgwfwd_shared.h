@@ -8,6 +8,7 @@ struct pgwfwd_xdp_settings {
 	__u32 vip;       /* network byte order */
 	__u16 gtp_port;  /* network byte order */
 	__u16 reserved;
+	__u32 max_frame_len;  /* longest frame an AF_XDP socket can take */
 };
 
 /* Indices of the per-CPU counter array; csrc/pgwfwd.h repeats them as
@@ -17,6 +18,7 @@ enum pgwfwd_xdp_counter {
 	XDP_CNT_PASSED,
 	XDP_CNT_FRAGMENTS,
 	XDP_CNT_NO_SOCKET,
+	XDP_CNT_TOO_BIG,
 	XDP_CNT_MAX,
 };
 

@@ -21,6 +21,13 @@
 #define PGWFWD_MAX_QUEUES 64
 #define PGWFWD_BATCH 64
 
+/* UMEM frames: the default size, and the room the kernel keeps in front of
+ * the data it copies into one (XDP_PACKET_HEADROOM). A frame longer than
+ * the difference cannot be received on an AF_XDP socket, so the XDP program
+ * passes it to the kernel instead (PGWFWD_XDP_TOO_BIG). */
+#define PGWFWD_DEFAULT_FRAME_SIZE 4096
+#define PGWFWD_FRAME_HEADROOM 256
+
 /* Selection policies (struct pgwfwd_table.policy). */
 #define PGWFWD_POLICY_WRR 0   /* smooth weighted round robin per datagram */
 #define PGWFWD_POLICY_TEID 1  /* consistent hash of the GTP-U TEID */
@@ -37,18 +44,21 @@
 #define PGWFWD_DROP_TRUNCATED 1    /* frame shorter than its headers */
 #define PGWFWD_DROP_BAD_LENGTH 2   /* IPv4 or UDP length disagrees with frame */
 #define PGWFWD_DROP_BAD_IP_CSUM 3  /* IPv4 header checksum wrong */
-#define PGWFWD_DROP_TTL 4          /* TTL would reach 0 */
+#define PGWFWD_DROP_TTL 4          /* TTL 0 or 1: would leave as 0 */
 #define PGWFWD_DROP_NOT_GTP 5      /* not IPv4/UDP to VIP:gtp-port */
 #define PGWFWD_DROP_TX_FULL 6      /* TX ring had no room */
 #define PGWFWD_DROP_ECHO_RESPONSE 7  /* GTP-U Echo Response to the VIP */
-#define PGWFWD_DROP_MAX 8
+#define PGWFWD_DROP_BAD_DST_MAC 8  /* multicast or broadcast Ethernet dest. */
+#define PGWFWD_DROP_BAD_SOURCE 9   /* source no SGW can have (process.c) */
+#define PGWFWD_DROP_MAX 10
 
 /* XDP program counters (per-CPU in the kernel, summed by C). */
 #define PGWFWD_XDP_REDIRECTED 0    /* handed to an AF_XDP socket */
 #define PGWFWD_XDP_PASSED 1        /* everything else, to the kernel */
 #define PGWFWD_XDP_FRAGMENTS 2     /* GTP-U fragments, to the kernel */
 #define PGWFWD_XDP_NO_SOCKET 3     /* GTP-U on a queue with no socket */
-#define PGWFWD_XDP_COUNTERS 4
+#define PGWFWD_XDP_TOO_BIG 4       /* GTP-U too long for a UMEM frame */
+#define PGWFWD_XDP_COUNTERS 5
 #define PGWFWD_KERNEL_COUNTERS 6
 
 struct pgwfwd_pgw {
@@ -175,9 +185,12 @@ void pgwfwd_queue_destroy(struct pgwfwd_queue *queue);
 /* The XDP program on an interface. On success, message holds a note worth
  * logging (a stale program replaced) or is empty; on failure, the reason. */
 struct pgwfwd_xdp;
+/* max_frame_len: the longest frame the AF_XDP sockets can take; longer
+ * GTP-U frames go to the kernel. */
 int pgwfwd_xdp_attach(struct pgwfwd_xdp **out, int ifindex,
 		      const char *object_path, uint32_t vip, uint16_t gtp_port,
-		      char *message, uint32_t message_size);
+		      uint32_t max_frame_len, char *message,
+		      uint32_t message_size);
 int pgwfwd_xdp_xskmap_fd(const struct pgwfwd_xdp *xdp);
 int pgwfwd_xdp_counters(const struct pgwfwd_xdp *xdp, uint64_t *counters);
 /* 1 when attached in native (driver) mode, 0 in generic (skb) mode. */

@@ -23,6 +23,12 @@
 #define IP_FRAGMENT_MASK 0x3fff
 #define DEFAULT_TTL 64
 
+/* The IPv4 header starts 14 bytes into a frame, and frames start at
+ * aligned addresses: the header sits at 2 modulo 4, and reading it through
+ * struct iphdr, which promises 4-byte alignment, is undefined behaviour
+ * (UBSan under the fuzzer said so). This type promises only 2. */
+typedef struct iphdr __attribute__((aligned(2))) ipv4_header;
+
 /* GTP-U (3GPP TS 29.281) */
 #define GTPU_VERSION 1
 #define GTPU_FLAG_PT 0x10
@@ -68,6 +74,8 @@ static const char *const drop_names[PGWFWD_DROP_MAX] = {
 	[PGWFWD_DROP_NOT_GTP] = "not_gtp",
 	[PGWFWD_DROP_TX_FULL] = "tx_full",
 	[PGWFWD_DROP_ECHO_RESPONSE] = "echo_response",
+	[PGWFWD_DROP_BAD_DST_MAC] = "bad_dst_mac",
+	[PGWFWD_DROP_BAD_SOURCE] = "bad_source",
 };
 
 const char *pgwfwd_drop_name(int reason)
@@ -185,6 +193,20 @@ static int gtpu_parse(const uint8_t *payload, uint32_t len,
 	return 0;
 }
 
+/* A source no SGW can have: our own VIP (a looped or spoofed frame),
+ * 0.0.0.0, loopback, multicast or the limited broadcast. Forwarding such a
+ * datagram would spread spoofed traffic; an Echo Request from one must not
+ * be answered either. */
+static int bad_source(uint32_t saddr_be, uint32_t vip_be)
+{
+	uint32_t saddr = ntohl(saddr_be);
+
+	return saddr_be == vip_be || saddr == 0 ||
+	       (saddr >> 24) == 127 ||           /* 127.0.0.0/8 */
+	       (saddr >> 28) == 0xe ||           /* 224.0.0.0/4 */
+	       saddr == 0xffffffffu;
+}
+
 /* Avalanche of a 32-bit value (the murmur3 finaliser): tunnel identifiers
  * are often allocated in sequence, and neighbours must land apart. */
 static uint32_t mix32(uint32_t value)
@@ -235,7 +257,7 @@ static int echo_reply(const struct pgwfwd_config *config, uint8_t *frame,
 		      uint32_t *len, uint32_t capacity, uint16_t sequence)
 {
 	struct ethhdr *eth = (struct ethhdr *)frame;
-	struct iphdr *ip = (struct iphdr *)(eth + 1);
+	ipv4_header *ip = (ipv4_header *)(eth + 1);
 	struct udphdr *udp = (struct udphdr *)(ip + 1);
 	struct gtpu_header *gtpu;
 	struct gtpu_optional *optional;
@@ -301,7 +323,7 @@ static int echo_reply(const struct pgwfwd_config *config, uint8_t *frame,
  * both checksums (see the top of this file for the UDP checksum). */
 static void rewrite(const struct pgwfwd_config *config,
 		    const struct pgwfwd_pgw *pgw, struct ethhdr *eth,
-		    struct iphdr *ip, struct udphdr *udp)
+		    ipv4_header *ip, struct udphdr *udp)
 {
 	uint32_t ip_header_len = ip->ihl * 4u;
 	uint16_t old_words[6], new_words[6];
@@ -365,7 +387,7 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 {
 	uint32_t frame_len = *len;
 	struct ethhdr *eth;
-	struct iphdr *ip;
+	ipv4_header *ip;
 	struct udphdr *udp;
 	struct gtpu_info gtpu;
 	uint32_t ip_header_len, ip_total_len, udp_len, n_slots, index;
@@ -377,13 +399,17 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	if (frame_len < sizeof(*eth))
 		return PGWFWD_DROP_TRUNCATED;
 	eth = (struct ethhdr *)frame;
+	/* The group bit: multicast, or broadcast. A router hop never takes
+	 * such a frame as addressed to it. */
+	if (eth->h_dest[0] & 1)
+		return PGWFWD_DROP_BAD_DST_MAC;
 	if (eth->h_proto != htons(ETH_P_IP))
 		return PGWFWD_DROP_NOT_GTP;
 
 	/* IPv4: header, checksum, lengths, TTL */
 	if (frame_len < sizeof(*eth) + sizeof(*ip))
 		return PGWFWD_DROP_TRUNCATED;
-	ip = (struct iphdr *)(eth + 1);
+	ip = (ipv4_header *)(eth + 1);
 	if (ip->version != 4)
 		return PGWFWD_DROP_NOT_GTP;
 	ip_header_len = ip->ihl * 4u;
@@ -397,6 +423,8 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	    (ip->frag_off & htons(IP_FRAGMENT_MASK)) ||
 	    ip->daddr != config->vip)
 		return PGWFWD_DROP_NOT_GTP;
+	if (bad_source(ip->saddr, config->vip))
+		return PGWFWD_DROP_BAD_SOURCE;
 	ip_total_len = ntohs(ip->tot_len);
 	if (ip_total_len < ip_header_len + sizeof(*udp))
 		return PGWFWD_DROP_BAD_LENGTH;
@@ -420,6 +448,9 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	if (parsed == 0 && gtpu.type == GTPU_ECHO_RESPONSE)
 		return PGWFWD_DROP_ECHO_RESPONSE;
 	*not_gtpu = parsed != 0;
+	/* As a router hop: TTL 1 would leave as 0, and TTL 0 should never
+	 * have arrived; both are the same drop (no ICMP Time Exceeded is
+	 * sent). Echo, answered above, is for us and needs no hop. */
 	if (config->ttl_decrement && ip->ttl <= 1)
 		return PGWFWD_DROP_TTL;
 

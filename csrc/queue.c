@@ -63,7 +63,7 @@ struct pgwfwd_queue {
 
 static const struct pgwfwd_ring_params default_params = {
 	.n_frames = 4096,
-	.frame_size = XSK_UMEM__DEFAULT_FRAME_SIZE,
+	.frame_size = PGWFWD_DEFAULT_FRAME_SIZE,
 	.rx_size = 2048,
 	.tx_size = 2048,
 	.fill_size = 4096,

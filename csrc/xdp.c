@@ -112,11 +112,12 @@ out:
 /* The settings are the only read-only data of the program; the verifier
  * then sees them as constants. */
 static int set_settings(struct xdp_program *program, uint32_t vip,
-			uint16_t gtp_port)
+			uint16_t gtp_port, uint32_t max_frame_len)
 {
 	struct pgwfwd_xdp_settings settings = {
 		.vip = vip,
 		.gtp_port = gtp_port,
+		.max_frame_len = max_frame_len,
 	};
 	struct bpf_object *object = xdp_program__bpf_obj(program);
 	struct bpf_map *map;
@@ -139,7 +140,8 @@ static int set_settings(struct xdp_program *program, uint32_t vip,
 
 int pgwfwd_xdp_attach(struct pgwfwd_xdp **out, int ifindex,
 		      const char *object_path, uint32_t vip, uint16_t gtp_port,
-		      char *message, uint32_t message_size)
+		      uint32_t max_frame_len, char *message,
+		      uint32_t message_size)
 {
 	DECLARE_LIBXDP_OPTS(xdp_program_opts, opts,
 			    .open_filename = object_path,
@@ -161,7 +163,7 @@ int pgwfwd_xdp_attach(struct pgwfwd_xdp **out, int ifindex,
 		    object_path, strerror(-err));
 		goto err_free;
 	}
-	err = set_settings(xdp->program, vip, gtp_port);
+	err = set_settings(xdp->program, vip, gtp_port, max_frame_len);
 	if (err) {
 		say(message, message_size, "XDP object %s has no settings",
 		    object_path);

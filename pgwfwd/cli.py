@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import resource
 import signal
 import sys
 from types import FrameType
@@ -12,8 +13,10 @@ from typing import Any
 
 import click
 
+from pgwfwd import auth
 from pgwfwd.distributor import Distributor, control_socket_path, control_socket_paths, query
 from pgwfwd.errors import ConfigError, NotRunningError, PgwfwdError
+from pgwfwd.registry import MAX_PGWS
 from pgwfwd.tables import POLICIES
 
 log = logging.getLogger(__name__)
@@ -108,14 +111,32 @@ def setup_logging(verbose: bool) -> None:
 @click.option("--policy", default="wrr", show_default=True, type=click.Choice(POLICIES),
               help="wrr: spread datagrams by weight; teid: keep each GTP-U tunnel on one "
                    "PGW (consistent hash of the TEID).")
+@click.option("--allow", multiple=True, metavar="CIDR",
+              help="Network whose addresses may register (repeatable) [the subnets of the "
+                   "interface's addresses].")
+@click.option("--max-pgws", default=MAX_PGWS, show_default=True,
+              type=click.IntRange(1, MAX_PGWS), help="Most PGWs registered at once.")
+@click.option("--reg-rate", default=auth.DEFAULT_RATE, show_default=True,
+              type=click.FloatRange(min=0), help="Registrations per second per source "
+              "address; a registered PGW's refresh every second is never limited (0: off).")
+@click.option("--reg-burst", default=auth.DEFAULT_BURST, show_default=True,
+              type=click.IntRange(min=1), help="Registrations a source address may send at "
+              "once above --reg-rate.")
+@click.option("--auth-key-file", default=None, metavar="PATH",
+              help="Accept only authenticated registrations, signed with the key in PATH "
+                   "(raw bytes, at least 16).")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 def run(iface: str, vip: str | None, gtp_port: int, reg_port: int, expiry: float,
-        queues: int | None, policy: str, verbose: bool) -> None:
+        queues: int | None, policy: str, allow: tuple[str, ...], max_pgws: int,
+        reg_rate: float, reg_burst: int, auth_key_file: str | None, verbose: bool) -> None:
     """Forward GTP-U on IFACE in the foreground until SIGINT or SIGTERM."""
     setup_logging(verbose)
+    raise_file_limit(max_pgws + 256)
     try:
         distributor = Distributor(iface, vip=vip, gtp_port=gtp_port, reg_port=reg_port,
-                                  expiry=expiry, queues=queues, policy=policy)
+                                  expiry=expiry, queues=queues, policy=policy,
+                                  allow=allow or None, max_pgws=max_pgws, reg_rate=reg_rate,
+                                  reg_burst=reg_burst, auth_key_file=auth_key_file)
     except ConfigError as error:
         raise CliError(error_message(error), exit_code=2) from None
     except (PgwfwdError, OSError) as error:
@@ -143,6 +164,15 @@ def run(iface: str, vip: str | None, gtp_port: int, reg_port: int, expiry: float
 
     if distributor.error is not None:
         raise CliError(f"{iface}: {error_message(distributor.error)}")
+
+
+def raise_file_limit(wanted: int) -> None:
+    """Each registered PGW has a socket of its own: make room for them, within the hard
+    limit (a distributor that runs out serves the rest through the shared socket)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 @main.command()
@@ -244,6 +274,14 @@ def format_status(status: dict[str, Any]) -> str:
     drops = {name: n for name, n in counters["drops"].items() if n}
     lines.append("drops: " + (", ".join(f"{name} {n}" for name, n in drops.items()) or "none"))
     lines.append("xdp: " + ", ".join(f"{name} {n}" for name, n in counters["xdp"].items()))
+    settings = status.get("registration")
+    if settings:
+        rate = (f"{settings['rate']:g}/s per address (burst {settings['burst']})"
+                if settings["rate"] else "no rate limit")
+        lines.append(f"registration: from {', '.join(settings['allow'])}, at most "
+                     f"{settings['max_pgws']} PGWs, {rate}, "
+                     + ("authenticated only" if settings["authenticated"]
+                        else "no authentication"))
     # Refusals on a line of their own: they are what an operator looks for.
     registration = counters["registration"]
     accepted = {name: n for name, n in registration.items() if not name.startswith("refused_")}

@@ -21,6 +21,7 @@ self._lock so that the views (pgws(), counters(), the control socket) read them 
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import json
 import logging
@@ -28,9 +29,10 @@ import os
 import selectors
 import socket
 import socketserver
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
@@ -40,12 +42,20 @@ import numpy as np
 from pgwfwd import tables
 from pgwfwd.errors import (AlreadyRunningError, ConfigError, NotRunningError, PgwfwdError,
                            RuntimeFailure)
-from pgwfwd.registry import Event, EventKind, Refused, Registry, subnet_broadcast
+from pgwfwd import auth
+from pgwfwd.registry import MAX_PGWS, Event, EventKind, Refused, Registry, subnet_broadcast
+from pgwfwd.slowpath import Drop, Forward, Reply, SlowPath
 
 log = logging.getLogger(__name__)
 
 IFF_LOOPBACK = 0x8  # from <net/if.h>
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_MEMINFO = 55                    # from <asm-generic/socket.h>: u32[SK_MEMINFO_VARS]
+SK_MEMINFO_VARS, SK_MEMINFO_DROPS = 9, 8
+IP_RECVTTL = getattr(socket, "IP_RECVTTL", 12)               # from <linux/in.h>
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DONT = getattr(socket, "IP_PMTUDISC_DONT", 0)
+TTL_CMSG_SPACE = socket.CMSG_SPACE(4)
 #: Receive buffer of the registration and GTP-U sockets (bytes).
 RECEIVE_BUFFER = 4 << 20
 
@@ -167,6 +177,16 @@ def query(path: str, request: dict[str, Any], timeout: float = CONTROL_TIMEOUT) 
     return json.loads(b"".join(chunks))
 
 
+def _socket_drops(sock: socket.socket) -> int:
+    """Datagrams the kernel dropped on sock, mostly for want of room in its buffer."""
+    try:
+        meminfo = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * SK_MEMINFO_VARS)
+    except OSError:   # closed meanwhile
+        return 0
+    return int.from_bytes(meminfo[4 * SK_MEMINFO_DROPS:4 * SK_MEMINFO_DROPS + 4],
+                          sys.byteorder)
+
+
 class _RateLimitedLog:
     """At most one log line per key per interval; says how many were left out."""
 
@@ -197,12 +217,21 @@ class Distributor:
     `with`, stops with stop(). vip defaults to the interface's first IPv4 address; queues to
     the interface's receive queue count, at most one per CPU. policy is the selection
     policy, "wrr" or "teid"; set_policy() changes it at any time.
+
+    Registration security: allow lists the IPv4 networks (CIDR strings) whose addresses may
+    register, by default the subnets of the interface's addresses; max_pgws caps the PGW
+    table; reg_rate and reg_burst set each source address's token bucket (reg_rate 0: no
+    limit); auth_key (bytes) or auth_key_file (a path) turns on authenticated registration,
+    after which only extended datagrams register (pgwfwd.auth).
     """
 
     def __init__(self, iface: str, vip: str | None = None, gtp_port: int = 2152,
                  reg_port: int = 3000, expiry: float = 3.0, queues: int | None = None,
                  object_path: str | None = None,
-                 clock: Callable[[], float] = time.monotonic, policy: str = "wrr") -> None:
+                 clock: Callable[[], float] = time.monotonic, policy: str = "wrr",
+                 allow: Iterable[str] | None = None, max_pgws: int = MAX_PGWS,
+                 reg_rate: float = auth.DEFAULT_RATE, reg_burst: int = auth.DEFAULT_BURST,
+                 auth_key: bytes | None = None, auth_key_file: str | None = None) -> None:
         _check_policy(policy)
         for name, port in (("gtp port", gtp_port), ("registration port", reg_port)):
             if not 0 < port < 65536:
@@ -223,7 +252,23 @@ class Distributor:
         self.clock = clock
         self.control_path = control_socket_path(iface)
 
-        self.registry = Registry(iface, expiry, clock, subnet_broadcast(self.vip, prefixlen))
+        if auth_key is not None and auth_key_file is not None:
+            raise ConfigError("give either auth_key or auth_key_file, not both")
+        if auth_key_file is not None:
+            auth_key = auth.load_key(auth_key_file)
+        if reg_rate < 0:
+            raise ConfigError(f"the registration rate must not be negative, not {reg_rate}")
+        connected = [ipaddress.IPv4Interface(f"{addr}/{prefixlen}").network
+                     for addr, prefixlen in self.info.ipv4]
+        self.allow = auth.AllowList(connected if allow is None else allow)
+        self.reg_rate = float(reg_rate)
+        self.reg_burst = reg_burst
+        self.authenticated = auth_key is not None
+        self.registry = Registry(
+            iface, expiry, clock, subnet_broadcast(self.vip, prefixlen), max_pgws=max_pgws,
+            allow=self.allow,
+            rate_limiter=auth.RateLimiter(reg_rate, reg_burst) if reg_rate > 0 else None,
+            authenticator=auth.Authenticator(auth_key) if auth_key is not None else None)
         self._lock = threading.RLock()
         self._policy = policy
         # set_policy() calls, and the last of them that a publication carried out.
@@ -246,6 +291,10 @@ class Distributor:
         self._control: threading.Thread | None = None
         self._neighbours: Any = None
         self._reg_sock: socket.socket | None = None
+        # A socket per registered PGW, connected to it: see _open_pgw_socket().
+        self._pgw_socks: dict[tuple[str, int], socket.socket] = {}
+        self._selector: selectors.BaseSelector | None = None
+        self._closed_socket_drops = 0   # registrations the kernel dropped on closed sockets
         self._gtp_sock: socket.socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
@@ -258,7 +307,7 @@ class Distributor:
         self._pgw_array = tables.empty_pgw_array()
         self._baseline = np.zeros((2, tables.MAX_PGWS), dtype=np.uint64)
         self._final_counters: tuple[list[dict[str, Any]], dict[str, int]] | None = None
-        self._gtp_slowpath = 0
+        self._slowpath = SlowPath()
         self._started_at = 0.0
 
     # Life cycle
@@ -389,7 +438,9 @@ class Distributor:
 
         with self._lock:
             counters["registration"] = dict(self.registry.counters)
-            counters["gtp_slowpath"] = self._gtp_slowpath
+            counters["registration"]["refused_socket_full"] = self._registration_socket_drops()
+            counters["gtp_slowpath"] = self._slowpath.received
+            counters["slowpath"] = self._slowpath.counters()
         counters["xdp"] = xdp
         counters["queues"] = queues
         return counters
@@ -401,6 +452,9 @@ class Distributor:
             stats = dict(queue.stats())
             stats["queue"] = queue_id
             stats["frames"] = dict(queue.frames())
+            # The AF_XDP socket's own drops (RX ring full, fill ring empty, ...): what the
+            # kernel could not hand to the loop never shows in the loop's counters.
+            stats["kernel"] = dict(queue.kernel_stats())
             queues.append(stats)
         return queues, dict(self._xdp.counters()) if self._xdp else {}
 
@@ -421,6 +475,9 @@ class Distributor:
             "pid": os.getpid(),
             "uptime": self.clock() - self._started_at if self._started_at else 0.0,
             "generation": self._generation,
+            "registration": {"allow": [str(n) for n in self.allow.networks],
+                             "max_pgws": self.registry.max_pgws, "rate": self.reg_rate,
+                             "burst": self.reg_burst, "authenticated": self.authenticated},
             "pgws": [asdict(view) for view in self.pgws()],
             "counters": self.counters(),
         }
@@ -511,14 +568,20 @@ class Distributor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._reg_sock = self._bind_udp(self.reg_port, "registration")
+        self._reg_sock = self._bind_udp(self.reg_port, "registration", reuseport=True)
+        # The slow path forwards from this socket, so that its datagrams leave from VIP:3000;
+        # one larger than the MTU is fragmented here, never refused.
+        self._reg_sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
         # XDP hands IPv4 fragments of GTP-U to the kernel; this socket takes what the kernel
-        # reassembled so that the SGW gets no ICMP port unreachable.
+        # reassembled, with its TTL, for the slow path to forward.
         self._gtp_sock = self._bind_udp(self.gtp_port, "gtp-u")
+        self._gtp_sock.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
 
-    def _bind_udp(self, port: int, purpose: str) -> socket.socket:
+    def _bind_udp(self, port: int, purpose: str, reuseport: bool = False) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
+            if reuseport:   # the PGWs' own sockets share the port (_open_pgw_socket)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.vip, port))
         except OSError as error:
             sock.close()
@@ -636,7 +699,11 @@ class Distributor:
             queue.close()
 
     def _close_sockets(self) -> None:
-        for sock in (self._reg_sock, self._gtp_sock, self._wake_r, self._wake_w):
+        with self._lock:
+            self._closed_socket_drops = self._registration_socket_drops()
+            pgw_socks, self._pgw_socks = self._pgw_socks, {}
+        for sock in (*pgw_socks.values(), self._reg_sock, self._gtp_sock, self._wake_r,
+                     self._wake_w):
             if sock is not None:
                 sock.close()
         self._reg_sock = self._gtp_sock = self._wake_r = self._wake_w = None
@@ -679,6 +746,8 @@ class Distributor:
         selector.register(self._gtp_sock, selectors.EVENT_READ, self._read_slowpath)
         selector.register(self._neighbours, selectors.EVENT_READ, self._read_neighbours)
         selector.register(self._wake_r, selectors.EVENT_READ, self._read_wake)
+        with self._lock:
+            self._selector = selector
 
         try:
             while not self._stopping.is_set():
@@ -694,6 +763,8 @@ class Distributor:
             log.exception("%s: control thread failed", self.iface)
             self._fail(error)
         finally:
+            with self._lock:
+                self._selector = None
             selector.close()
 
     def _time_to_next_deadline(self) -> float | None:
@@ -712,15 +783,53 @@ class Distributor:
         except BlockingIOError:
             pass
 
-    def _read_registrations(self) -> None:
-        assert self._reg_sock is not None
+    def _read_registrations(self, sock: socket.socket | None = None) -> None:
+        """Handles the datagrams waiting on the registration socket, or on a PGW's own."""
+        sock = sock or self._reg_sock
+        assert sock is not None
         for _ in range(DRAIN_BATCH):
             try:
-                data, source = self._reg_sock.recvfrom(64)
+                data, source = sock.recvfrom(64)
             except BlockingIOError:
                 return
+            except OSError as error:
+                # An ICMP error for what the slow path sent to this PGW: reading reports
+                # and clears it.
+                log.debug("%s: registration socket: %s", self.iface, error)
+                continue
             with self._lock:
                 self._apply(self.registry.handle_datagram(data, source))
+
+    def _open_pgw_socket(self, key: tuple[str, int]) -> None:
+        """Gives a PGW that joined a socket of its own, bound to VIP:reg-port and connected
+        to the PGW: the kernel then queues its registrations there, apart from everyone
+        else's, and a registration storm that overflows the shared socket cannot make its
+        refreshes miss. The control thread reads them all."""
+        if self._selector is None or key in self._pgw_socks:
+            return
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((self.vip, self.reg_port))
+            sock.connect(key)
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ,
+                                    functools.partial(self._read_registrations, sock))
+        except OSError as error:   # out of descriptors: the shared socket serves it
+            sock.close()
+            self._refusal_log.warning("pgw_socket", "%s: pgw %s:%d shares the registration "
+                                      "socket: %s", self.iface, *key, error)
+            return
+        self._pgw_socks[key] = sock
+
+    def _close_pgw_socket(self, key: tuple[str, int]) -> None:
+        sock = self._pgw_socks.pop(key, None)
+        if sock is None:
+            return
+        self._closed_socket_drops += _socket_drops(sock)
+        if self._selector is not None:
+            self._selector.unregister(sock)
+        sock.close()
 
     def _apply(self, result: Event | Refused) -> None:
         if isinstance(result, Refused):
@@ -735,9 +844,11 @@ class Distributor:
             self._baseline[0, result.entry.index] = packets[result.entry.index]
             self._baseline[1, result.entry.index] = nbytes[result.entry.index]
             self._neighbours.watch(key)
+            self._open_pgw_socket(key)
             self._dirty = True
         elif result.kind is EventKind.LEAVE:
             self._neighbours.unwatch(key)
+            self._close_pgw_socket(key)
             self._dirty = True
         elif result.kind is EventKind.WEIGHT_CHANGE:
             self._neighbours.refreshed(key)
@@ -745,16 +856,42 @@ class Distributor:
         elif self._neighbours.refreshed(key):
             self._dirty = True
 
+    def _registration_socket_drops(self) -> int:
+        """Registrations the kernel dropped because a registration socket was full (a
+        storm): they never reached the registry. Called under self._lock."""
+        socks = [self._reg_sock, *self._pgw_socks.values()]
+        return self._closed_socket_drops + sum(_socket_drops(s) for s in socks if s)
+
     def _read_slowpath(self) -> None:
-        assert self._gtp_sock is not None
+        """Forwards what reached the kernel's GTP-U socket (reassembled fragments above
+        all) to the PGW the published table picks, from the registration socket."""
+        assert self._gtp_sock is not None and self._reg_sock is not None
         for _ in range(DRAIN_BATCH):
             try:
-                self._gtp_sock.recv(1)
+                data, ancillary, _flags, source = self._gtp_sock.recvmsg(65535, TTL_CMSG_SPACE)
             except BlockingIOError:
                 return
-            # XXX: GTP-U that the kernel reassembled from fragments is counted, not forwarded.
+            ttl = None
+            for level, kind, value in ancillary:
+                if level == socket.IPPROTO_IP and kind == socket.IP_TTL and len(value) >= 4:
+                    ttl = int.from_bytes(value[:4], sys.byteorder)
+
             with self._lock:
-                self._gtp_slowpath += 1
+                verdict = self._slowpath.decide(data, source, ttl)
+            try:
+                if isinstance(verdict, Forward):
+                    ttl_option = (socket.IPPROTO_IP, socket.IP_TTL,
+                                  verdict.ttl.to_bytes(4, sys.byteorder))
+                    self._reg_sock.sendmsg([data], [ttl_option], 0, verdict.destination)
+                elif isinstance(verdict, Reply):
+                    self._gtp_sock.sendto(verdict.data, source)
+            except OSError as error:   # a full socket buffer, no route: a counted drop
+                target = verdict.destination if isinstance(verdict, Forward) else source
+                self._refusal_log.warning("slowpath_send", "%s: slow path: cannot send to "
+                                          "%s:%d: %s", self.iface, *target, error)
+                verdict = Drop("send_failed")
+            with self._lock:
+                self._slowpath.count(verdict, len(data))
 
     def _read_neighbours(self) -> None:
         with self._lock:
@@ -765,6 +902,7 @@ class Distributor:
         with self._lock:
             for event in self.registry.expire(self.clock()):
                 self._neighbours.unwatch(event.entry.key)
+                self._close_pgw_socket(event.entry.key)
                 self._dirty = True
 
     def _publish(self) -> None:
@@ -805,6 +943,7 @@ class Distributor:
         with self._lock:
             self._shares = shares
             self._policy_published = request
+            self._slowpath.published(policy, self._pgw_array, slots, fine_slots)
             self._published.notify_all()
         log.debug("%s: table %d (%s): %d pgws in %d slots, %d fine slots", self.iface,
                   self._generation, policy, len(forwardable), slots.size,
@@ -818,4 +957,6 @@ class Distributor:
         for queue in list(self._queues):
             packets += queue.pgw_packets
             nbytes += queue.pgw_bytes
+        packets += self._slowpath.pgw_packets
+        nbytes += self._slowpath.pgw_bytes
         return packets, nbytes

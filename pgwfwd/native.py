@@ -33,7 +33,11 @@ DROP_REASONS: tuple[str, ...] = tuple(
     ffi.string(lib.pgwfwd_drop_name(reason)).decode()
     for reason in range(lib.PGWFWD_DROP_MAX)
 )
-XDP_COUNTER_NAMES: tuple[str, ...] = ("redirected", "passed", "fragments", "no_socket")
+XDP_COUNTER_NAMES: tuple[str, ...] = ("redirected", "passed", "fragments", "no_socket",
+                                      "too_big")
+#: The longest frame the AF_XDP sockets take with the default UMEM frame size; the XDP
+#: program passes longer GTP-U frames to the kernel (counter xdp.too_big).
+DEFAULT_MAX_FRAME_LEN: int = lib.PGWFWD_DEFAULT_FRAME_SIZE - lib.PGWFWD_FRAME_HEADROOM
 KERNEL_COUNTER_NAMES: tuple[str, ...] = (
     "rx_dropped", "rx_invalid_descs", "tx_invalid_descs", "rx_ring_full",
     "rx_fill_ring_empty_descs", "tx_ring_empty_descs",
@@ -48,9 +52,10 @@ assert len(KERNEL_COUNTER_NAMES) == lib.PGWFWD_KERNEL_COUNTERS
 
 
 __all__ = [
-    "DROP_REASONS", "KERNEL_COUNTER_NAMES", "MAX_PGWS", "MAX_QUEUES", "MAX_SLOTS", "PGW_DTYPE",
-    "POLICIES", "SLOT_FINE", "XDP_COUNTER_NAMES", "NativeError", "Queue", "SharedState",
-    "XdpProgram", "flow_slot", "process_frame", "set_library_verbosity", "teid_slot",
+    "DEFAULT_MAX_FRAME_LEN", "DROP_REASONS", "KERNEL_COUNTER_NAMES", "MAX_PGWS", "MAX_QUEUES",
+    "MAX_SLOTS", "PGW_DTYPE", "POLICIES", "SLOT_FINE", "XDP_COUNTER_NAMES", "NativeError",
+    "Queue", "SharedState", "XdpProgram", "flow_slot", "process_frame", "set_library_verbosity",
+    "teid_slot",
 ]
 
 
@@ -112,15 +117,19 @@ class XdpProgram:
     """pgwfwd's XDP program, attached to one interface until close()."""
 
     def __init__(
-        self, ifindex: int, vip: str, gtp_port: int, object_path: str | None = None
+        self, ifindex: int, vip: str, gtp_port: int, object_path: str | None = None,
+        max_frame_len: int = DEFAULT_MAX_FRAME_LEN,
     ) -> None:
+        """max_frame_len must match the queues' UMEM frames: frame size - FRAME_HEADROOM."""
+        if not 0 < max_frame_len <= lib.PGWFWD_DEFAULT_FRAME_SIZE:
+            raise ValueError(f"max frame length out of range: {max_frame_len}")
         handle = ffi.new("struct pgwfwd_xdp **")
         message = ffi.new("char[256]")
         path = object_path or bpf_object_path()
 
         result = lib.pgwfwd_xdp_attach(
             handle, ifindex, path.encode(), _ipv4_network_order(vip),
-            _port_network_order(gtp_port), message, len(message),
+            _port_network_order(gtp_port), max_frame_len, message, len(message),
         )
         text = ffi.string(message).decode()
         if result < 0:

@@ -9,7 +9,10 @@ IF use`), and a netlink socket bound to the neighbour group reports the answer.
 The kernel never uses these entries itself (AF_XDP transmits past its stack), so they go
 STALE and later vanish. A STALE entry can hide a MAC change: every registration refresh of a
 PGW checks its entry (at most once a second per next hop) and kicks resolution again unless
-it is REACHABLE.
+it is REACHABLE. A REACHABLE entry can hide one too: a next hop that took a new MAC without
+a gratuitous ARP answers no unicast probe to its old one, and the kernel would keep the old
+MAC for its reachable time (15 to 45 s) and then some. So a REACHABLE entry is re-resolved
+by broadcast every REVERIFY_INTERVAL: marked failed, then resolution kicked.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
-from pyroute2.netlink.rtnl.ndmsg import (NTF_USE, NUD_DELAY, NUD_NOARP, NUD_PERMANENT,
-                                         NUD_PROBE, NUD_REACHABLE, NUD_STALE)
+from pyroute2.netlink.rtnl.ndmsg import (NTF_USE, NUD_DELAY, NUD_FAILED, NUD_NOARP,
+                                         NUD_PERMANENT, NUD_PROBE, NUD_REACHABLE, NUD_STALE)
 
 from pgwfwd.errors import RuntimeFailure
 
@@ -40,6 +43,9 @@ USABLE_STATES = NUD_REACHABLE | NUD_STALE | NUD_DELAY | NUD_PROBE | NUD_PERMANEN
 CONFIRMED_STATES = NUD_REACHABLE | NUD_PERMANENT | NUD_NOARP
 #: A next hop's entry is checked (and resolution kicked) at most this often.
 CHECK_INTERVAL = 1.0
+#: A REACHABLE next hop is re-resolved by a broadcast ARP this often (seconds): how long a
+#: MAC change without a gratuitous ARP can go unnoticed, against one ARP per next hop.
+REVERIFY_INTERVAL = 5.0
 
 
 def mac_bytes(lladdr: str | None) -> bytes | None:
@@ -63,6 +69,7 @@ class NeighbourTable:
         self._pgws_of: dict[str, set[PgwKey]] = {}     # next hop -> PGWs behind it
         self._macs: dict[str, bytes] = {}              # next hop -> its MAC
         self._last_check: dict[str, float] = {}        # next hop -> last look at its entry
+        self._last_verify: dict[str, float] = {}       # next hop -> last broadcast ARP
 
         try:
             self._ipr = IPRoute()
@@ -112,6 +119,7 @@ class NeighbourTable:
             self._pgws_of.pop(next_hop, None)
             self._macs.pop(next_hop, None)
             self._last_check.pop(next_hop, None)
+            self._last_verify.pop(next_hop, None)
 
     def refreshed(self, key: PgwKey) -> bool:
         """Called on each registration refresh; True when the PGW's MAC changed."""
@@ -198,9 +206,23 @@ class NeighbourTable:
                 log.warning("%s: reading neighbour %s failed: %s", self.iface, next_hop, error)
 
         changed = self._learn(next_hop, state, lladdr)
+        last_verify = self._last_verify.setdefault(next_hop, now)
         if not state & CONFIRMED_STATES:
             self._kick(next_hop)
+        elif state & NUD_REACHABLE and now - last_verify >= REVERIFY_INTERVAL:
+            self._reverify(next_hop, now)
         return changed
+
+    def _reverify(self, next_hop: str, now: float) -> None:
+        """Re-resolves next_hop by broadcast. The last MAC stays in use until the answer,
+        and stays for good when none comes (as after a flush)."""
+        self._last_verify[next_hop] = now
+        try:
+            self._ipr.neigh("change", dst=next_hop, ifindex=self.ifindex, state=NUD_FAILED)
+        except NetlinkError as error:
+            log.warning("%s: cannot re-resolve %s: %s", self.iface, next_hop, error)
+            return
+        self._kick(next_hop)
 
     def _kick(self, next_hop: str) -> None:
         try:

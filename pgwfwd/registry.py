@@ -8,6 +8,11 @@ per index and the PGW array of the selection table is indexed by it.
 Expiry is deadline-driven: every refresh moves the PGW's deadline to refresh time + expiry, a
 heap keeps the deadlines in order, and the owner sleeps until next_deadline() and then calls
 expire(now). Nothing sweeps the table once a second.
+
+A datagram passes these checks, in this order, before it counts as a registration (each
+refusal has a counter): a unicast source, inside the allow-list, within its address's rate
+limit (a registered PGW's refresh every second is exempt), at least 4 bytes, and with an
+authenticator, a valid extended datagram (pgwfwd.auth).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from pgwfwd.auth import AllowList, Authenticator, RateLimiter
 from pgwfwd.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -30,6 +36,12 @@ MAX_PGWS = 1024
 
 #: A registration is at least this long: the weight, big-endian unsigned 32 bits.
 REGISTRATION_SIZE = 4
+
+#: A registered PGW may send one datagram per this many seconds past the rate limit, so that
+#: refreshing every second never depends on what else arrives from its address.
+REFRESH_EXEMPT_INTERVAL = 0.5
+#: Source addresses whose unicast verdict is cached.
+ADDRESS_CACHE_SIZE = 4096
 
 Clock = Callable[[], float]
 PgwKey = tuple[str, int]
@@ -48,6 +60,12 @@ class Refusal(enum.Enum):
 
     SHORT = "short"
     NOT_UNICAST = "not_unicast"
+    NOT_ALLOWED = "not_allowed"
+    RATE_LIMITED = "rate_limited"
+    UNAUTHENTICATED = "unauthenticated"
+    BAD_HMAC = "bad_hmac"
+    BAD_TIMESTAMP = "bad_timestamp"
+    REPLAY = "replay"
     FULL = "full"
     UNKNOWN_LEAVE = "unknown_leave"
 
@@ -61,6 +79,7 @@ class PgwEntry:
     joined: float
     refreshed: float
     deadline: float
+    exempt_at: float = float("-inf")   # when a datagram of it last skipped the rate limit
 
     @property
     def key(self) -> PgwKey:
@@ -85,11 +104,15 @@ class Registry:
     """Registered PGWs of one interface.
 
     iface only prefixes log lines. broadcast is the subnet broadcast address of the VIP's
-    network, refused as a source like any other non-unicast address.
+    network, refused as a source like any other non-unicast address. allow (networks),
+    rate_limiter and authenticator guard handle_datagram(); without them, any unicast source
+    may register as often as it likes with a plain datagram. register() is not guarded.
     """
 
     def __init__(self, iface: str, expiry: float = 3.0, clock: Clock = time.monotonic,
-                 broadcast: str | None = None, max_pgws: int = MAX_PGWS) -> None:
+                 broadcast: str | None = None, max_pgws: int = MAX_PGWS,
+                 allow: AllowList | None = None, rate_limiter: RateLimiter | None = None,
+                 authenticator: Authenticator | None = None) -> None:
         if not expiry > 0:
             raise ConfigError(f"expiry must be positive, not {expiry}")
         if not 1 <= max_pgws <= MAX_PGWS:
@@ -100,6 +123,10 @@ class Registry:
         self.clock = clock
         self.broadcast = ipaddress.IPv4Address(broadcast) if broadcast else None
         self.max_pgws = max_pgws
+        self.allow = allow
+        self.rate_limiter = rate_limiter
+        self.authenticator = authenticator
+        self._unicast_addresses: dict[str, bool] = {}
 
         self._entries: dict[PgwKey, PgwEntry] = {}
         self._free_indices = list(range(max_pgws))  # a heap: the lowest is reused first
@@ -123,20 +150,36 @@ class Registry:
                         now: float | None = None) -> Event | Refused:
         """Handles one datagram received on the registration port."""
         addr, port = source[0], source[1]
+        if not self._is_unicast(addr, port):
+            return self._refuse(Refusal.NOT_UNICAST, addr, port)
+        if self.allow is not None and addr not in self.allow:
+            return self._refuse(Refusal.NOT_ALLOWED, addr, port)
+
+        if now is None:
+            now = self.clock()
+        if self.rate_limiter is not None and not self._exempt(addr, port, now):
+            if not self.rate_limiter.admit(addr, now):
+                return self._refuse(Refusal.RATE_LIMITED, addr, port)
+
         if len(data) < REGISTRATION_SIZE:
             return self._refuse(Refusal.SHORT, addr, port)
-
-        (weight,) = struct.unpack_from("!I", data)
-        return self.register(addr, port, weight, now)
+        if self.authenticator is None:
+            (weight,) = struct.unpack_from("!I", data)
+        else:
+            verdict = self.authenticator.verify(data)
+            if not isinstance(verdict, int):
+                return self._refuse(Refusal(verdict.value), addr, port)
+            weight = verdict
+        return self._register(addr, port, weight, now)
 
     def register(self, addr: str, port: int, weight: int,
                  now: float | None = None) -> Event | Refused:
         """Applies a registration of weight from (addr, port); weight 0 leaves."""
         if not self._is_unicast(addr, port):
             return self._refuse(Refusal.NOT_UNICAST, addr, port)
+        return self._register(addr, port, weight, self.clock() if now is None else now)
 
-        if now is None:
-            now = self.clock()
+    def _register(self, addr: str, port: int, weight: int, now: float) -> Event | Refused:
         self.counters["registrations"] += 1
         key = (addr, port)
         entry = self._entries.get(key)
@@ -229,12 +272,30 @@ class Registry:
             self._deadlines = [(e.deadline, e.key) for e in self._entries.values()]
             heapq.heapify(self._deadlines)
 
+    def _exempt(self, addr: str, port: int, now: float) -> bool:
+        entry = self._entries.get((addr, port))
+        if entry is None or now - entry.exempt_at < REFRESH_EXEMPT_INTERVAL:
+            return False
+        entry.exempt_at = now
+        return True
+
     def _is_unicast(self, addr: str, port: int) -> bool:
+        # Cached by address: under a registration storm from a few addresses this is one
+        # dict look-up rather than half a dozen ipaddress checks per datagram.
+        verdict = self._unicast_addresses.get(addr)
+        if verdict is None:
+            verdict = self._is_unicast_address(addr)
+            if len(self._unicast_addresses) >= ADDRESS_CACHE_SIZE:
+                self._unicast_addresses.clear()
+            self._unicast_addresses[addr] = verdict
+        return verdict and port != 0
+
+    def _is_unicast_address(self, addr: str) -> bool:
         try:
             address = ipaddress.IPv4Address(addr)
         except ValueError:
             return False
-        return not (port == 0 or address.is_unspecified or address.is_multicast
+        return not (address.is_unspecified or address.is_multicast
                     or address.is_loopback or address.is_reserved
                     or address == ipaddress.IPv4Address("255.255.255.255")
                     or address == self.broadcast)

@@ -35,6 +35,7 @@ from types import TracebackType
 
 import click
 
+from pgwfwd.auth import load_key, sign_registration
 from pgwfwd.errors import PgwfwdError
 from pgwfwd.lab import PEERS_NETNS, SGW_ADDRESSES, in_netns
 
@@ -193,7 +194,8 @@ class SimPgw:
 
 class PgwSimulator:
     """Simulated PGWs, each on its own connected UDP socket, refreshing in a thread and
-    counting what arrives in another. A context manager: start on enter, stop on exit."""
+    counting what arrives in another. A context manager: start on enter, stop on exit.
+    With auth_key, every registration is the extended, signed datagram (pgwfwd.auth)."""
 
     def __init__(
         self,
@@ -204,8 +206,10 @@ class PgwSimulator:
         refresh_interval: float = DEFAULT_REFRESH_INTERVAL,
         record_arrivals: bool = False,
         record_teids: bool = False,
+        auth_key: bytes | None = None,
     ) -> None:
         self.vip = vip
+        self.auth_key = auth_key
         self.reg_port = reg_port
         self.netns = netns
         self.refresh_interval = refresh_interval
@@ -319,11 +323,18 @@ class PgwSimulator:
         with self._lock:
             pgw.last_refresh = time.time()
             try:
-                pgw.sock.send(_WEIGHT.pack(weight))
+                if self.auth_key is None:
+                    pgw.sock.send(_WEIGHT.pack(weight))
+                else:
+                    pgw.sock.send(sign_registration(self.auth_key, weight))
             except ConnectionRefusedError:
                 # An ICMP port unreachable from a moment when nothing listened; the
                 # error is now cleared and the next refresh goes out.
                 logger.debug("%s:%d: registration refused", pgw.address, pgw.port)
+            except OSError as error:
+                # The link is down or the route gone for a moment: a PGW keeps refreshing.
+                logger.warning("%s:%d: registration not sent: %s", pgw.address, pgw.port,
+                               error)
 
     def _refresh_loop(self) -> None:
         next_refresh = time.monotonic() + self.refresh_interval
@@ -573,6 +584,8 @@ def sim_group() -> None:
 @click.option("--netns", default=None, help=f"Create the sockets in this netns ({PEERS_NETNS}).")
 @click.option("--leave/--no-leave", default=True, show_default=True,
               help="Send weight 0 on exit.")
+@click.option("--auth-key-file", default=None, metavar="PATH",
+              help="Sign every registration with the key in PATH (authenticated form).")
 def sim_pgw(
     vip: str,
     pgw_specs: tuple[str, ...],
@@ -581,10 +594,16 @@ def sim_pgw(
     duration: float | None,
     netns: str | None,
     leave: bool,
+    auth_key_file: str | None,
 ) -> None:
     """Register PGWs, refresh them, and print what each received at the end."""
     specs = [_parse_pgw(spec) for spec in pgw_specs]
-    sim = PgwSimulator(vip, specs, reg_port=reg_port, netns=netns, refresh_interval=interval)
+    try:
+        auth_key = load_key(auth_key_file) if auth_key_file is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--auth-key-file") from None
+    sim = PgwSimulator(vip, specs, reg_port=reg_port, netns=netns, refresh_interval=interval,
+                       auth_key=auth_key)
     try:
         sim.start()
     except (SimError, PgwfwdError, OSError) as exc:

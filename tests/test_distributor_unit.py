@@ -250,6 +250,9 @@ class FakeQueue:
     def frames(self) -> dict[str, int]:
         return {"n_frames": 4096}
 
+    def kernel_stats(self) -> dict[str, int]:
+        return {"rx_dropped": 0}
+
 
 def test_counters_total_echo_replies_and_not_gtpu(
         control_plane: tuple[Distributor, FakeShared, FakeNeighbours]) -> None:
