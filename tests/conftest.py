@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import pytest
 
 from pgwfwd.lab import DistributorProcess, Lab, LabConfig
+from pgwfwd.sim import PgwSimulator
 
 NETNS_MARKER = "netns: needs root and network namespaces (skips elsewhere, fails on CI=true)"
 
@@ -121,3 +122,23 @@ def distributor(
     `@pytest.mark.parametrize("distributor", [["--queues", "2"]], indirect=True)`."""
     args: Sequence[str] = getattr(request, "param", ())
     return start_distributor(*args)
+
+
+@pytest.fixture
+def pgw_sims(lab: Lab) -> Iterator[Callable[..., PgwSimulator]]:
+    """Starts simulated PGWs in the peers' namespace; all are stopped at teardown."""
+    started: list[PgwSimulator] = []
+
+    def start(weights: Sequence[int], **kwargs: object) -> PgwSimulator:
+        specs = list(zip(lab.config.pgw_addresses[: len(weights)], weights, strict=True))
+        sim = PgwSimulator(lab.vip, specs, netns=lab.config.peers_netns,
+                           record_arrivals=True, **kwargs)  # type: ignore[arg-type]
+        started.append(sim)
+        sim.start()
+        return sim
+
+    try:
+        yield start
+    finally:
+        for sim in started:
+            sim.stop(leave=True)

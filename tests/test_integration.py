@@ -37,26 +37,6 @@ PACKET_OUTGOING = 4
 # Helpers.
 
 
-@pytest.fixture
-def pgw_sims(lab: Lab) -> Iterator[Callable[..., PgwSimulator]]:
-    """Starts simulated PGWs in the peers' namespace; all are stopped at teardown."""
-    started: list[PgwSimulator] = []
-
-    def start(weights: Sequence[int], **kwargs: object) -> PgwSimulator:
-        specs = list(zip(lab.config.pgw_addresses[: len(weights)], weights, strict=True))
-        sim = PgwSimulator(lab.vip, specs, netns=lab.config.peers_netns,
-                           record_arrivals=True, **kwargs)  # type: ignore[arg-type]
-        started.append(sim)
-        sim.start()
-        return sim
-
-    try:
-        yield start
-    finally:
-        for sim in started:
-            sim.stop(leave=True)
-
-
 def _sgw(lab: Lab, n_sources: int = 10) -> SgwSimulator:
     return SgwSimulator.with_sources(
         lab.vip, n_sources, lab.config.sgw_addresses, netns=lab.config.peers_netns

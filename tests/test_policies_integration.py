@@ -8,6 +8,7 @@ the TEID it carried shows which PGW each tunnel reached.
 
 from __future__ import annotations
 
+import functools
 import random
 import socket
 import struct
@@ -63,25 +64,9 @@ TEIDS = _teids(N_TEIDS)
 
 
 @pytest.fixture
-def pgw_sims(lab: Lab) -> Iterator[Callable[..., PgwSimulator]]:
-    """Starts simulated PGWs (recording arrivals and TEIDs) in the peers' namespace; all
-    are stopped at teardown."""
-    started: list[PgwSimulator] = []
-
-    def start(weights: Sequence[int], refresh_interval: float = 1.0) -> PgwSimulator:
-        specs = list(zip(lab.config.pgw_addresses[: len(weights)], weights, strict=True))
-        sim = PgwSimulator(lab.vip, specs, netns=lab.config.peers_netns,
-                           refresh_interval=refresh_interval, record_arrivals=True,
-                           record_teids=True)
-        started.append(sim)
-        sim.start()
-        return sim
-
-    try:
-        yield start
-    finally:
-        for sim in started:
-            sim.stop(leave=True)
+def pgw_sims(pgw_sims: Callable[..., PgwSimulator]) -> Callable[..., PgwSimulator]:
+    """conftest's PGW simulators, recording the TEID of each arrival too."""
+    return functools.partial(pgw_sims, record_teids=True)
 
 
 def _sgw(lab: Lab, n_sources: int, n_addresses: int | None = None) -> SgwSimulator:

@@ -36,6 +36,7 @@
 #include <xdp/xsk.h>
 
 #include "bench.h"
+#include "netdev.h"
 
 /* pgwfwd's defaults (csrc/queue.c), so that the comparison is like for like. */
 #define N_FRAMES 4096
@@ -75,22 +76,6 @@ static void die(const char *what, int err)
 {
 	fprintf(stderr, "fwd: %s: %s\n", what, strerror(err < 0 ? -err : err));
 	exit(1);
-}
-
-static int interface_mac(const char *ifname, uint8_t *mac)
-{
-	struct ifreq ifr = {};
-	int fd = socket(AF_INET, SOCK_DGRAM, 0), err = 0;
-
-	if (fd < 0)
-		return -errno;
-	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
-	if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0)
-		err = -errno;
-	else
-		memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
-	close(fd);
-	return err;
 }
 
 static int parse_pgw(const char *text, struct bench_pgw *pgw, uint32_t *weight)

@@ -36,6 +36,7 @@
 #include <bpf/libbpf.h>
 
 #include "bench.h"
+#include "netdev.h"
 
 #define TEST_RUN_BATCH 64
 #define RUN_FOREVER 0x7fffffffu   /* repeat count of a test run */
@@ -84,22 +85,6 @@ static int parse_mac(const char *text, uint8_t *mac)
 	for (i = 0; i < 6; i++)
 		mac[i] = (uint8_t)b[i];
 	return 0;
-}
-
-static int interface_mac(const char *ifname, uint8_t *mac)
-{
-	struct ifreq ifr = {};
-	int fd = socket(AF_INET, SOCK_DGRAM, 0), err = 0;
-
-	if (fd < 0)
-		return -errno;
-	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", ifname);
-	if (ioctl(fd, SIOCGIFHWADDR, &ifr) < 0)
-		err = -errno;
-	else
-		memcpy(mac, ifr.ifr_hwaddr.sa_data, 6);
-	close(fd);
-	return err;
 }
 
 /* Ones' complement sum of 16-bit words in memory order, not folded. */
