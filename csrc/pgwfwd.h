@@ -45,7 +45,7 @@
 #define PGWFWD_DROP_BAD_LENGTH 2   /* IPv4 or UDP length disagrees with frame */
 #define PGWFWD_DROP_BAD_IP_CSUM 3  /* IPv4 header checksum wrong */
 #define PGWFWD_DROP_TTL 4          /* TTL 0 or 1: would leave as 0 */
-#define PGWFWD_DROP_NOT_GTP 5      /* not IPv4/UDP to VIP:gtp-port */
+#define PGWFWD_DROP_NOT_FOR_US 5      /* not IPv4/UDP to VIP:gtp-port */
 #define PGWFWD_DROP_TX_FULL 6      /* TX ring had no room */
 #define PGWFWD_DROP_ECHO_RESPONSE 7  /* GTP-U Echo Response to the VIP */
 #define PGWFWD_DROP_BAD_DST_MAC 8  /* multicast or broadcast Ethernet dest. */

@@ -71,7 +71,7 @@ static const char *const drop_names[PGWFWD_DROP_MAX] = {
 	[PGWFWD_DROP_BAD_LENGTH] = "bad_length",
 	[PGWFWD_DROP_BAD_IP_CSUM] = "bad_ip_csum",
 	[PGWFWD_DROP_TTL] = "ttl",
-	[PGWFWD_DROP_NOT_GTP] = "not_gtp",
+	[PGWFWD_DROP_NOT_FOR_US] = "not_for_us",
 	[PGWFWD_DROP_TX_FULL] = "tx_full",
 	[PGWFWD_DROP_ECHO_RESPONSE] = "echo_response",
 	[PGWFWD_DROP_BAD_DST_MAC] = "bad_dst_mac",
@@ -404,14 +404,14 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	if (eth->h_dest[0] & 1)
 		return PGWFWD_DROP_BAD_DST_MAC;
 	if (eth->h_proto != htons(ETH_P_IP))
-		return PGWFWD_DROP_NOT_GTP;
+		return PGWFWD_DROP_NOT_FOR_US;
 
 	/* IPv4: header, checksum, lengths, TTL */
 	if (frame_len < sizeof(*eth) + sizeof(*ip))
 		return PGWFWD_DROP_TRUNCATED;
 	ip = (ipv4_header *)(eth + 1);
 	if (ip->version != 4)
-		return PGWFWD_DROP_NOT_GTP;
+		return PGWFWD_DROP_NOT_FOR_US;
 	ip_header_len = ip->ihl * 4u;
 	if (ip_header_len < sizeof(*ip))
 		return PGWFWD_DROP_BAD_LENGTH;
@@ -422,7 +422,7 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	if (ip->protocol != IPPROTO_UDP ||
 	    (ip->frag_off & htons(IP_FRAGMENT_MASK)) ||
 	    ip->daddr != config->vip)
-		return PGWFWD_DROP_NOT_GTP;
+		return PGWFWD_DROP_NOT_FOR_US;
 	if (bad_source(ip->saddr, config->vip))
 		return PGWFWD_DROP_BAD_SOURCE;
 	ip_total_len = ntohs(ip->tot_len);
@@ -435,7 +435,7 @@ int pgwfwd_process_frame(const struct pgwfwd_config *config,
 	/* UDP */
 	udp = (struct udphdr *)((uint8_t *)ip + ip_header_len);
 	if (udp->dest != config->gtp_port)
-		return PGWFWD_DROP_NOT_GTP;
+		return PGWFWD_DROP_NOT_FOR_US;
 	udp_len = ntohs(udp->len);
 	if (udp_len != ip_total_len - ip_header_len)
 		return PGWFWD_DROP_BAD_LENGTH;

@@ -290,5 +290,11 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append("registrations: " + ", ".join(f"{name} {n}" for name, n in accepted.items()))
     lines.append("refused registrations: " + ", ".join(f"{name} {n}"
                                                        for name, n in refused.items()))
-    lines.append(f"gtp-u reaching the kernel (not forwarded): {counters['gtp_slowpath']}")
+    # GTP-U that the kernel got (reassembled fragments, frames too big for a UMEM frame).
+    slowpath = counters.get("slowpath") or {"received": counters.get("gtp_slowpath", 0),
+                                             "forwarded": 0, "echo_replies": 0, "drops": {}}
+    slow_drops = ", ".join(f"{name} {n}" for name, n in slowpath["drops"].items() if n)
+    lines.append(f"slow path (via the kernel): received {slowpath['received']}, forwarded "
+                 f"{slowpath['forwarded']}, echo replies {slowpath['echo_replies']}, drops: "
+                 f"{slow_drops or 'none'}")
     return "\n".join(lines)

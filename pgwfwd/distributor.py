@@ -334,6 +334,12 @@ class Distributor:
         log.info("%s: forwarding GTP-U to %s:%d on %d queue%s, policy %s", self.iface,
                  self.vip, self.gtp_port, self.n_queues, "" if self.n_queues == 1 else "s",
                  self._policy)
+        if self.n_queues < self.info.rx_queues:
+            # The XDP program passes GTP-U on an unserved queue to the kernel (no_socket).
+            log.warning("%s: serving %d of %d receive queues: GTP-U that arrives on the "
+                        "others is not forwarded (counted as xdp no_socket); match the NIC's "
+                        "channels to --queues (ethtool -L)", self.iface, self.n_queues,
+                        self.info.rx_queues)
 
     def stop(self) -> None:
         """Stops forwarding, detaches and frees everything; safe to call more than once."""

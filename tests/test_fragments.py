@@ -9,8 +9,10 @@ with valid checksums and its CRC-32 matched: it arrived whole and unchanged.
 
 from __future__ import annotations
 
+import functools
+
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -26,23 +28,9 @@ N_TEIDS = 60
 
 
 @pytest.fixture
-def pgw_sims(lab: Lab) -> Iterator[Callable[..., PgwSimulator]]:
-    """Simulated PGWs recording the TEIDs they receive; all stopped at teardown."""
-    started: list[PgwSimulator] = []
-
-    def start(weights: Sequence[int]) -> PgwSimulator:
-        specs = list(zip(lab.config.pgw_addresses[: len(weights)], weights, strict=True))
-        sim = PgwSimulator(lab.vip, specs, netns=lab.config.peers_netns,
-                           record_arrivals=True, record_teids=True)
-        started.append(sim)
-        sim.start()
-        return sim
-
-    try:
-        yield start
-    finally:
-        for sim in started:
-            sim.stop(leave=True)
+def pgw_sims(pgw_sims: Callable[..., PgwSimulator]) -> Callable[..., PgwSimulator]:
+    """conftest's PGW simulators, recording the TEID of each arrival too."""
+    return functools.partial(pgw_sims, record_teids=True)
 
 
 def _send(lab: Lab, size: int, teids: Sequence[int], n_sources: int = 4) -> None:

@@ -254,8 +254,8 @@ INPUT_CLASSES = [
     pytest.param(Case(bytes(sgw_frame(gtpu(), ttl=2)), "forward", expected(gtpu(), 0, ttl=1)),
                  id="ttl-2-leaves-as-1"),
     # Fragments: the XDP program gives them to the kernel; should one come, it is no datagram.
-    pytest.param(Case(bytes(sgw_frame(gtpu(), flags="MF")), "not_gtp"), id="first-fragment"),
-    pytest.param(Case(bytes(sgw_frame(gtpu(), frag=100)), "not_gtp"), id="non-first-fragment"),
+    pytest.param(Case(bytes(sgw_frame(gtpu(), flags="MF")), "not_for_us"), id="first-fragment"),
+    pytest.param(Case(bytes(sgw_frame(gtpu(), frag=100)), "not_for_us"), id="non-first-fragment"),
     # UDP
     pytest.param(Case(_udp_length(+4), "bad_length"), id="udp-length-past-ip-length"),
     pytest.param(Case(_udp_length(-4), "bad_length"), id="udp-length-short-of-ip-length"),
@@ -301,12 +301,12 @@ INPUT_CLASSES = [
                       "echo_response"), id="echo-response-to-vip"),
     # Not for the GTP-U port at all (the XDP program passes these; C is defensive).
     pytest.param(Case(bytes(Ether(src=SGW_MAC, dst=VIP_MAC) / IP(src=SGW, dst="198.18.0.2")
-                            / UDP(dport=2152)), "not_gtp"), id="other-address"),
+                            / UDP(dport=2152)), "not_for_us"), id="other-address"),
     pytest.param(Case(bytes(Ether(src=SGW_MAC, dst=VIP_MAC) / IP(src=SGW, dst=VIP)
-                            / UDP(dport=2153)), "not_gtp"), id="other-port"),
-    pytest.param(Case(bytes(Ether(src=SGW_MAC, dst=VIP_MAC) / ARP()), "not_gtp"), id="arp"),
+                            / UDP(dport=2153)), "not_for_us"), id="other-port"),
+    pytest.param(Case(bytes(Ether(src=SGW_MAC, dst=VIP_MAC) / ARP()), "not_for_us"), id="arp"),
     pytest.param(Case(bytes(Ether(src=SGW_MAC, dst=VIP_MAC, type=0x86DD) / bytes(60)),
-                      "not_gtp"), id="ipv6"),
+                      "not_for_us"), id="ipv6"),
 ]
 
 
