@@ -37,9 +37,10 @@ $(INSTALLED): $(BUILD_INPUTS) | deps
 demo: venv
 	$(VENV)/bin/pgwfwd demo
 
+# The bounded fuzz run first, so that pytest's summary is the last thing printed.
 test: venv
-	$(VENV)/bin/python -m pytest
 	$(MAKE) fuzz
+	$(VENV)/bin/python -m pytest
 
 # The per-frame C path under libFuzzer with ASan and UBSan (fuzz/fuzz_process.c) for
 # FUZZ_SECONDS; any crash or broken promise fails, and its input is left in build/fuzz/.
