@@ -129,8 +129,14 @@ def pgw_sims(lab: Lab) -> Iterator[Callable[..., PgwSimulator]]:
     """Starts simulated PGWs in the peers' namespace; all are stopped at teardown."""
     started: list[PgwSimulator] = []
 
-    def start(weights: Sequence[int], **kwargs: object) -> PgwSimulator:
-        specs = list(zip(lab.config.pgw_addresses[: len(weights)], weights, strict=True))
+    def start(weights: Sequence[int] | Sequence[tuple[str, int]], **kwargs: object
+              ) -> PgwSimulator:
+        """weights: one PGW per weight on the lab's PGW addresses in turn, or
+        (address, weight) pairs."""
+        specs = [spec if isinstance(spec, tuple) else (address, spec)
+                 for address, spec in zip(lab.config.pgw_addresses, weights)]
+        if len(specs) != len(weights):
+            raise ValueError("more PGWs than the lab has addresses")
         sim = PgwSimulator(lab.vip, specs, netns=lab.config.peers_netns,
                            record_arrivals=True, **kwargs)  # type: ignore[arg-type]
         started.append(sim)

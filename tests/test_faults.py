@@ -18,6 +18,7 @@ import pytest
 from pgwfwd.demo import wait_registered
 from pgwfwd.lab import DistributorProcess, Lab, package_env
 from pgwfwd.sim import PgwSimulator, SgwSimulator
+from waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -75,11 +76,6 @@ def _ip(netns: str, *args: str) -> None:
     subprocess.run(["ip", "-n", netns, *args], check=True, capture_output=True, timeout=10)
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
 
 
 def test_pgw_vanishing_under_traffic_expires_and_nothing_is_lost(
@@ -121,7 +117,7 @@ def test_pgw_mac_change_is_followed(
     _ip(peers, "link", "set", "dev", peer_iface, "address", NEW_PEER_MAC)
     try:
         # No gratuitous ARP comes (arp_notify is off): pgwfwd must find out by itself.
-        _wait_until(lambda: all(pgw["mac"] == NEW_PEER_MAC
+        wait_until(lambda: all(pgw["mac"] == NEW_PEER_MAC
                                 for pgw in distributor.status()["pgws"]),  # type: ignore
                     10, "the new MAC in the table")
         _assert_forwards(lab, sim)
@@ -149,12 +145,12 @@ def test_interface_down_and_up(
     finally:
         _ip(netns, "link", "set", "dev", iface, "up")
     if side == "peers":   # its addresses' routes come back with the link
-        _wait_until(lambda: "UP" in subprocess.run(
+        wait_until(lambda: "UP" in subprocess.run(
             ["ip", "-n", netns, "-br", "link", "show", iface], capture_output=True,
             text=True).stdout, 5, "peers' link up")
     # A veth whose link just came back drops what it gets until its carrier is up, which
     # takes a variable while: wait until datagrams get through again, then check in full.
-    _wait_until(lambda: _some_get_through(lab, sim), 5, "forwarding after link up")
+    wait_until(lambda: _some_get_through(lab, sim), 5, "forwarding after link up")
 
     _assert_forwards(lab, sim)
     assert distributor.process.poll() is None

@@ -23,6 +23,7 @@ from scapy.packet import Raw
 
 from pgwfwd import native
 from pgwfwd.lab import DistributorProcess, Lab, in_netns, netlink_in
+from waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -40,13 +41,6 @@ def _mac(netns_name: str, iface: str) -> str:
         return str(link.get("address"))
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 class Peer:
@@ -281,12 +275,12 @@ def test_frames_longer_than_a_umem_frame_go_to_the_kernel(lab: Lab) -> None:
 
         before = program.counters()
         peer.send(fitting)
-        _wait_until(lambda: program.counters()["no_socket"] == before["no_socket"] + 1, 2,
+        wait_until(lambda: program.counters()["no_socket"] == before["no_socket"] + 1, 2,
                     "the fitting frame taken for a socket")
         assert program.counters()["too_big"] == before["too_big"]
 
         peer.send(too_long)
-        _wait_until(lambda: program.counters()["too_big"] == before["too_big"] + 1, 2,
+        wait_until(lambda: program.counters()["too_big"] == before["too_big"] + 1, 2,
                     "the long frame counted too_big")
         answer = peer.receive_icmp()
         assert answer is not None and (answer[ICMP].type, answer[ICMP].code) == (3, 3)
@@ -328,7 +322,7 @@ def pgw(lab: Lab, running: DistributorProcess) -> Iterator[Pgw]:
             assert isinstance(entries, list)
             return any((e["addr"], e["port"]) == served.identity and e["mac"] for e in entries)
 
-        _wait_until(is_served, 10, "the PGW registered and its MAC known")
+        wait_until(is_served, 10, "the PGW registered and its MAC known")
         yield served
     finally:
         served.close()
@@ -407,7 +401,7 @@ def test_input_class_fate_on_the_wire(label: str, build: Build, fate: Fate, peer
         return (after["tx_packets"] - before["tx_packets"] == n_frames
                 and not_gtpu == (n_frames if fate.not_gtpu else 0))
 
-    _wait_until(counted, 3, f"{label}: counted as {fate}")
+    wait_until(counted, 3, f"{label}: counted as {fate}")
     if fate.kind == "kernel" and fate.counter == "fragments":
         after = _counters(running)
         assert after["xdp"]["fragments"] - before["xdp"]["fragments"] == n_frames
@@ -419,5 +413,5 @@ def test_input_class_fate_on_the_wire(label: str, build: Build, fate: Fate, peer
     if fate.kind != "kernel":   # a reassembled datagram may come by the kernel's way
         assert arrived == [valid]
     assert running.process is not None and running.process.poll() is None
-    _wait_until(lambda: _frames_accounted(running), 3,
+    wait_until(lambda: _frames_accounted(running), 3,
                 "fill + in_flight + held == n_frames on every queue")

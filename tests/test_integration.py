@@ -22,6 +22,7 @@ from scapy.packet import Raw
 from pgwfwd.demo import wait_registered
 from pgwfwd.lab import DistributorProcess, Lab, in_netns, netlink_in, package_env
 from pgwfwd.sim import DatagramBuilder, PgwSimulator, SgwSimulator, SimPgw
+from waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -63,13 +64,6 @@ def _shares(pgws: Sequence[SimPgw]) -> str:
     return ", ".join(f"{pgw.address} w{pgw.weight}: {pgw.received}" for pgw in pgws)
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def _status_weights(distributor: DistributorProcess) -> dict[tuple[str, int], int]:
@@ -156,7 +150,7 @@ def test_registration_then_forwarding_from_vip_3000(
         pgw.settimeout(3)
         pgw.sendto((7).to_bytes(4, "big"), (lab.vip, REG_PORT))
         identity = pgw.getsockname()
-        _wait_until(lambda: identity in _status_weights(distributor), 5, "registered")
+        wait_until(lambda: identity in _status_weights(distributor), 5, "registered")
         assert _status_weights(distributor)[identity] == 7
 
         builder = DatagramBuilder(200)
@@ -275,7 +269,7 @@ def test_weight_zero_removes_at_once(
     wait_registered(distributor, sim.pgws)
 
     sim.leave(leaving)
-    _wait_until(lambda: leaving.identity not in _status_weights(distributor), 0.5,
+    wait_until(lambda: leaving.identity not in _status_weights(distributor), 0.5,
                 "weight 0 removes the PGW")
     received = _send(lab, sim, 1_000)
 
@@ -293,7 +287,7 @@ def test_weight_change_changes_shares(
     assert _spread(sim.pgws) >= SHARE_TOLERANCE, _shares(sim.pgws)
 
     sim.register(changing, 30)
-    _wait_until(lambda: _status_weights(distributor).get(changing.identity) == 30, 2,
+    wait_until(lambda: _status_weights(distributor).get(changing.identity) == 30, 2,
                 "weight change")
     received = _send(lab, sim, 12_000)
 
@@ -312,7 +306,7 @@ def test_no_pgw_drops_and_counts(lab: Lab, distributor: DistributorProcess) -> N
     with _sgw(lab, 3) as sgw:
         assert sgw.send(500, rate=10_000).sent == 500
 
-    _wait_until(lambda: _drops(distributor, "no_pgw") - before == 500, 3, "500 no_pgw drops")
+    wait_until(lambda: _drops(distributor, "no_pgw") - before == 500, 3, "500 no_pgw drops")
 
 
 def test_other_udp_ports_reach_the_kernel(lab: Lab, distributor: DistributorProcess) -> None:
@@ -411,7 +405,7 @@ def test_bad_lengths_are_counted_drops_and_forwarding_goes_on(
     time.sleep(0.5)
 
     assert pgw.received == 0
-    _wait_until(lambda: _drops(distributor, *drop_reasons) - before == len(bad) * 25, 2,
+    wait_until(lambda: _drops(distributor, *drop_reasons) - before == len(bad) * 25, 2,
                 f"{len(bad) * 25} length drops")
     assert distributor.process is not None and distributor.process.poll() is None
     assert _send(lab, sim, 1_000) == 1_000 and pgw.corrupt == 0

@@ -25,6 +25,7 @@ from scapy.contrib.gtp import GTPEchoRequest, GTPEchoResponse, GTPHeader, IE_Rec
 from pgwfwd.demo import wait_registered
 from pgwfwd.lab import DistributorProcess, Lab, in_netns, package_env
 from pgwfwd.sim import PgwSimulator, SendResult, SgwSimulator, SimPgw
+from waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -150,13 +151,6 @@ def _spread(pgws: Sequence[SimPgw]) -> float:
     return min(ratios) / max(ratios) if max(ratios) > 0 else 0.0
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def _served(distributor: DistributorProcess) -> set[tuple[str, int]]:
@@ -230,7 +224,7 @@ def test_teid_expiry_and_joins_move_only_the_tunnels_that_must_move(
     leaving = first_four[1]
     survivors = [pgw for pgw in first_four if pgw is not leaving]
     sim.leave(newcomer)
-    _wait_until(lambda: _served(distributor) == {pgw.identity for pgw in first_four}, 5,
+    wait_until(lambda: _served(distributor) == {pgw.identity for pgw in first_four}, 5,
                 "four PGWs served")
     wait_registered(distributor, first_four)
     before = _teid_round(lab, sim)
@@ -241,7 +235,7 @@ def test_teid_expiry_and_joins_move_only_the_tunnels_that_must_move(
     with _sgw(lab, 9, 3) as sgw:
         result = sgw.send(int(2.0 * RATE), RATE, teids=TEIDS)
     assert sim.wait_for(result.sent) == result.sent
-    _wait_until(lambda: leaving.identity not in _served(distributor), 2, "expired")
+    wait_until(lambda: leaving.identity not in _served(distributor), 2, "expired")
     during = {pgw.identity: set(pgw.teids) for pgw in first_four}
     after = _teid_round(lab, sim)
 
@@ -336,7 +330,7 @@ def test_teid_keeps_payloads_that_are_not_gtpu_together_by_source(
     assert all(len(pgws) == 1 for pgws in spread.values()), spread
     # Sources hash over the PGWs: not all of them onto one.
     assert len(set.union(*pgws_of_source.values())) > 1, spread
-    _wait_until(lambda: _counter(distributor, "not_gtpu") - not_gtpu_before == total, 2,
+    wait_until(lambda: _counter(distributor, "not_gtpu") - not_gtpu_before == total, 2,
                 f"{total} counted as forwarded non-GTP-U")
 
 
@@ -401,7 +395,7 @@ def test_echo_request_is_answered_by_the_distributor_itself(
         assert isinstance(elements[0], IE_Recovery)
     # No PGW got an Echo Request (G-PDUs sent after them arrive, and only they).
     _flush(lab, sim)
-    _wait_until(lambda: _counter(distributor, "echo_replies") - replies_before == len(answers),
+    wait_until(lambda: _counter(distributor, "echo_replies") - replies_before == len(answers),
                 2, f"{len(answers)} echo replies counted")
 
 
@@ -422,7 +416,7 @@ def test_echo_response_to_the_vip_is_counted_and_dropped(
             IE_list=[IE_Recovery(restart_counter=0)])
         sock.sendto(bytes(response), (lab.vip, GTP_PORT))
 
-    _wait_until(lambda: _counter(distributor, "echo_response", drop=True) - drops_before
+    wait_until(lambda: _counter(distributor, "echo_response", drop=True) - drops_before
                 == 25, 2, "25 echo responses counted as dropped")
     _flush(lab, sim)
     sock.settimeout(0.2)

@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -41,25 +41,6 @@ def key_file(tmp_path: Path) -> str:
     path.write_bytes(KEY)
     path.chmod(0o600)
     return str(path)
-
-
-@pytest.fixture
-def pgw_group(lab: Lab) -> Iterator[Callable[..., PgwSimulator]]:
-    """Starts simulated PGWs at given lab addresses; all are stopped at teardown."""
-    started: list[PgwSimulator] = []
-
-    def start(specs: Sequence[tuple[str, int]], **kwargs: object) -> PgwSimulator:
-        sim = PgwSimulator(lab.vip, specs, netns=lab.config.peers_netns,
-                           record_arrivals=True, **kwargs)  # type: ignore[arg-type]
-        started.append(sim)
-        sim.start()
-        return sim
-
-    try:
-        yield start
-    finally:
-        for sim in started:
-            sim.stop(leave=True)
 
 
 def _registered(distributor: DistributorProcess) -> set[tuple[str, int]]:
@@ -95,11 +76,11 @@ def _settle(seconds: float = 1.5) -> None:
 
 @pytest.mark.parametrize("distributor", [["--allow", "198.18.0.11/32"]], indirect=True)
 def test_only_allowed_sources_register(
-    lab: Lab, distributor: DistributorProcess, pgw_group: Callable[..., PgwSimulator]
+    lab: Lab, distributor: DistributorProcess, pgw_sims: Callable[..., PgwSimulator]
 ) -> None:
     allowed_address, outsider_address = lab.config.pgw_addresses[:2]
-    allowed = pgw_group([(allowed_address, 10)])
-    outsider = pgw_group([(outsider_address, 10)])
+    allowed = pgw_sims([(allowed_address, 10)])
+    outsider = pgw_sims([(outsider_address, 10)])
     wait_registered(distributor, allowed.pgws)
     _settle()
 
@@ -113,14 +94,14 @@ def test_only_allowed_sources_register(
 
 def test_only_authenticated_pgws_register(
     lab: Lab, start_distributor: DistributorFactory, key_file: str,
-    pgw_group: Callable[..., PgwSimulator]
+    pgw_sims: Callable[..., PgwSimulator]
 ) -> None:
     distributor = start_distributor("--auth-key-file", key_file)
     addresses = lab.config.pgw_addresses
-    authorised = pgw_group([(addresses[0], 10)], auth_key=KEY)
-    plain = pgw_group([(addresses[1], 10)])
-    wrong_key = pgw_group([(addresses[2], 10)], auth_key=WRONG_KEY)
-    replayer = pgw_group([(addresses[3], 10)], refresh_interval=3600.0)
+    authorised = pgw_sims([(addresses[0], 10)], auth_key=KEY)
+    plain = pgw_sims([(addresses[1], 10)])
+    wrong_key = pgw_sims([(addresses[2], 10)], auth_key=WRONG_KEY)
+    replayer = pgw_sims([(addresses[3], 10)], refresh_interval=3600.0)
     wait_registered(distributor, authorised.pgws)
 
     # A registration copied off the wire, replayed from the attacker's address and from
@@ -192,11 +173,11 @@ def _storm_messages() -> list[bytes]:
 
 def test_authorised_pgws_are_served_through_a_registration_storm(
     lab: Lab, start_distributor: DistributorFactory, key_file: str,
-    pgw_group: Callable[..., PgwSimulator]
+    pgw_sims: Callable[..., PgwSimulator]
 ) -> None:
     distributor = start_distributor("--auth-key-file", key_file)
     addresses = lab.config.pgw_addresses
-    authorised = pgw_group([(addresses[0], 10), (addresses[1], 30)], auth_key=KEY)
+    authorised = pgw_sims([(addresses[0], 10), (addresses[1], 30)], auth_key=KEY)
     wait_registered(distributor, authorised.pgws)
     identities = {pgw.identity for pgw in authorised.pgws}
 
