@@ -6,7 +6,7 @@ VENV := .venv
 APT_PACKAGES := clang llvm gcc make pkg-config libxdp-dev libbpf-dev libelf-dev \
 	zlib1g-dev xdp-tools iproute2 python3-venv python3-dev libclang-rt-14-dev
 
-.PHONY: all deps venv demo test fuzz bench bench-quick clean
+.PHONY: all deps venv demo test fuzz bench bench-quick soak clean
 
 all: venv
 
@@ -77,3 +77,10 @@ bench-quick: venv
 	mkdir -p bench/results
 	$(BENCH_PYTEST) --benchmark-max-time 0.1 --benchmark-min-rounds 3
 	$(VENV)/bin/python bench/suite.py --quick --micro-json bench/results/micro.json
+
+# pgwfwd at one rate for 10 minutes, then frame conservation, RSS, wrong packets and the
+# accounting checked (bench/README.md). Writes bench/results/soak.{json,md}.
+soak: venv
+	$(MAKE) -C bench all
+	mkdir -p bench/results
+	$(VENV)/bin/python bench/soak.py

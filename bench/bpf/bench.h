@@ -94,6 +94,9 @@ enum bench_sink_counter {
 	SINK_COUNTED,     /* our datagrams, counted and dropped */
 	SINK_PASSED,      /* anything else, to the kernel */
 	SINK_CLOCK_SKEW,  /* timestamp in the future (should not happen) */
+	SINK_BAD_IP_SUM,  /* counted datagrams with a wrong IPv4 header checksum */
+	SINK_BAD_UDP_SUM, /* ... with a wrong or zero UDP checksum, or a UDP
+			   * length other than the generator's */
 	SINK_COUNTERS,
 };
 

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: GPL-2.0
 /* The sink, on the PGWs' end of the veth: counts each generator datagram
- * that a forwarder delivered by destination address and port, puts its
+ * that a forwarder delivered by destination address and port, checks its
+ * IPv4 header and UDP checksums (counting the bad ones), puts its
  * one-way latency (now - the generator's timestamp, both CLOCK_MONOTONIC on
  * one machine) in a histogram, and drops it before the kernel spends
  * anything on it. Everything else (ARP, registrations, ICMP) passes. */
@@ -57,6 +58,49 @@ static __always_inline __u32 highest_bit(__u64 v)
 	return bit;
 }
 
+/* Ones' complement sum of n 16-bit words in memory order, not folded; the
+ * caller has checked that they lie inside the packet. */
+static __always_inline __u64 sum_words(const void *start, int n)
+{
+	const __u16 *word = start;
+	__u64 sum = 0;
+	int i;
+
+#pragma unroll
+	for (i = 0; i < n; i++)
+		sum += word[i];
+	return sum;
+}
+
+static __always_inline __u16 fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* Whether the datagram's IPv4 header and UDP checksums hold. A zero UDP
+ * checksum is legal IPv4 but the generator never sends one: a forwarder
+ * that zeroes it counts as bad here. */
+static __always_inline void check_sums(struct iphdr *ip, struct udphdr *udp)
+{
+	__u64 sum;
+
+	if (fold(sum_words(ip, 10)) != 0xffff)
+		bump(&sink_counters, SINK_BAD_IP_SUM);
+
+	if (udp->check == 0 || udp->len != bpf_htons(BENCH_UDP_LEN)) {
+		bump(&sink_counters, SINK_BAD_UDP_SUM);
+		return;
+	}
+	/* Pseudo header (addresses, protocol, UDP length), then the datagram. */
+	sum = sum_words(&ip->saddr, 4) + bpf_htons(IPPROTO_UDP) + udp->len;
+	sum += sum_words(udp, BENCH_UDP_LEN / 2);
+	if (fold(sum) != 0xffff)
+		bump(&sink_counters, SINK_BAD_UDP_SUM);
+}
+
 static __always_inline __u32 hist_bucket(__u64 ns)
 {
 	__u32 top;
@@ -103,6 +147,7 @@ int bench_sink(struct xdp_md *ctx)
 		bpf_map_update_elem(&dest_packets, &dest, &one, BPF_NOEXIST);
 	}
 	bump(&sink_counters, SINK_COUNTED);
+	check_sums(ip, udp);
 
 	/* Latency */
 	__builtin_memcpy(&sent, data + BENCH_TS_OFF, 8);
