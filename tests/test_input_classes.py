@@ -22,68 +22,36 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from pgwfwd import native
-from pgwfwd.lab import DistributorProcess, Lab, in_netns, netlink_in
+from pgwfwd.lab import DistributorProcess, Lab, in_netns
+from peer_frames import PeerFrames
 from waiting import wait_until
 
 pytestmark = pytest.mark.netns
 
 GTP_PORT = 2152
 REG_PORT = 3000
-ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4
 REPEAT = 5            # frames of each class per case
 ECHO_PORT = 41000     # where the SGW's socket waits for Echo Responses
 
 
-def _mac(netns_name: str, iface: str) -> str:
-    with netlink_in(netns_name) as ipr:
-        (link,) = ipr.get_links(ipr.link_lookup(ifname=iface)[0])
-        return str(link.get("address"))
-
-
-
-
-class Peer:
-    """The peers' end of the lab's veth: raw frames out (they can only reach the lab's
-    distributor: the socket is bound to the lab's own veth), ICMP from the VIP in."""
+class Peer(PeerFrames):
+    """The peers' end of the lab's veth, speaking as the first SGW."""
 
     def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.mac = _mac(lab.config.peers_netns, lab.config.peer_iface)
-        self.ld_mac = _mac(lab.config.ld_netns, lab.config.ld_iface)
+        super().__init__(lab)
         self.sgw = lab.config.sgw_addresses[0]
-        with in_netns(lab.config.peers_netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW,
-                                      socket.htons(ETH_P_ALL))
-        self.sock.bind((lab.config.peer_iface, 0))
-        self.sock.settimeout(0.1)
 
     def frame(self, payload: bytes, mac: str | None = None, sport: int = 40000,
               udp_fields: dict[str, Any] | None = None, **ip_fields: Any) -> bytes:
         """An SGW's datagram to VIP:2152, IPv4 fields (src too) overridable."""
         fields = {"src": self.sgw, "ttl": 64, **ip_fields}
         udp = UDP(sport=sport, dport=GTP_PORT, **(udp_fields or {}))
-        return bytes(Ether(src=self.mac, dst=mac or self.ld_mac)
+        return bytes(Ether(src=self.peer_mac, dst=mac or self.ld_mac)
                      / IP(dst=self.lab.vip, **fields) / udp / Raw(payload))
 
-    def send(self, frame: bytes) -> None:
-        assert len(frame) < 34 or frame[30:34] == socket.inet_aton(self.lab.vip)
-        self.sock.send(frame)
-
     def receive_icmp(self, timeout: float = 2.0) -> Ether | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                data, address = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            frame = Ether(data)
-            if address[2] != PACKET_OUTGOING and ICMP in frame and frame[IP].src == self.lab.vip:
-                return frame
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
+        return self.receive(lambda frame: ICMP in frame and frame[IP].src == self.lab.vip,
+                            timeout)
 
 
 class Pgw:
@@ -193,7 +161,7 @@ def _fragments(peer: Peer, payload: bytes) -> list[bytes]:
     """A GTP-U datagram in two fragments, the first and the non-first."""
     datagram = Ether(peer.frame(payload * 20))
     pieces = fragment(datagram[IP], fragsize=256)
-    return [bytes(Ether(src=peer.mac, dst=peer.ld_mac) / piece) for piece in pieces[:2]]
+    return [bytes(Ether(src=peer.peer_mac, dst=peer.ld_mac) / piece) for piece in pieces[:2]]
 
 
 Build = Callable[[Peer, bytes], list[bytes]]

@@ -20,8 +20,9 @@ from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
 from pgwfwd.demo import wait_registered
-from pgwfwd.lab import DistributorProcess, Lab, in_netns, netlink_in, package_env
+from pgwfwd.lab import DistributorProcess, Lab, in_netns, package_env
 from pgwfwd.sim import DatagramBuilder, PgwSimulator, SgwSimulator, SimPgw
+from peer_frames import PeerFrames
 from waiting import wait_until
 
 pytestmark = pytest.mark.netns
@@ -31,8 +32,6 @@ REG_PORT = 3000
 EXPIRY = 3.0
 EXPIRY_SLACK = 0.05      # the contract: nothing from the deadline + 50 ms on
 SHARE_TOLERANCE = 0.99
-ETH_P_ALL = 0x0003
-PACKET_OUTGOING = 4
 
 
 # Helpers.
@@ -80,50 +79,6 @@ def _drops(distributor: DistributorProcess, *reasons: str) -> int:
     counters = distributor.status()["counters"]
     assert isinstance(counters, dict)
     return sum(int(counters["drops"][reason]) for reason in reasons)
-
-
-def _mac(netns_name: str, iface: str) -> str:
-    with netlink_in(netns_name) as ipr:
-        (link,) = ipr.get_links(ipr.link_lookup(ifname=iface)[0])
-        return str(link.get("address"))
-
-
-class PeerFrames:
-    """An AF_PACKET socket on the peers' veth: sends raw frames (only to the lab's
-    distributor) and reads what arrives."""
-
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.peer_mac = _mac(lab.config.peers_netns, lab.config.peer_iface)
-        self.ld_mac = _mac(lab.config.ld_netns, lab.config.ld_iface)
-        with in_netns(lab.config.peers_netns):
-            self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.bind((lab.config.peer_iface, 0))
-        self.sock.settimeout(0.1)
-
-    def ether(self) -> Ether:
-        return Ether(src=self.peer_mac, dst=self.ld_mac)
-
-    def send(self, frame: bytes) -> None:
-        assert Ether(frame)[IP].dst == self.lab.vip   # network safety: only to the lab
-        self.sock.send(frame)
-
-    def receive(self, match: Callable[[Ether], bool], timeout: float = 2.0) -> Ether | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                data, address = self.sock.recvfrom(65535)
-            except TimeoutError:
-                continue
-            if address[2] == PACKET_OUTGOING:
-                continue
-            frame = Ether(data)
-            if match(frame):
-                return frame
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @pytest.fixture
