@@ -40,7 +40,7 @@ from typing import Any
 # suite puts the repository first on sys.path: pgwfwd comes from there, not the venv.
 from suite import (BENCH_DIR, BUILD, FULL, LOSS_LIMIT, PGWS, SINK_COUNTED, Bench,
                    BenchError, Peer, background_load, machine, measure, percentiles_us,
-                   pgwfwd_system, spread)
+                   pgwfwd_system, spread, start_cli)
 
 from pgwfwd.distributor import RUN_DIR, query
 from pgwfwd.lab import NETNS_DIR, DistributorProcess, LabError, netns_command
@@ -431,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pgwfwd at one rate for a long time")
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic")
     parser.add_argument("--rate", type=float, default=0.0,
-                        help=f"datagrams/s (default: {SOAK_FRACTION:.0%} of the no-loss rate)")
+                        help=f"datagrams/s (default: {SOAK_FRACTION * 100:.0f}%% of the no-loss rate)")
     parser.add_argument("--interval", type=float, default=5.0, help="seconds per sample")
     parser.add_argument("--warmup", type=float, default=30.0,
                         help="seconds before the RSS that later samples are held to")
@@ -439,12 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("pyroute2", "pgwfwd"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if os.geteuid() != 0:
-        parser.error("needs root (network namespaces, XDP)")
+    start_cli(parser, args.verbose)
     if args.duration <= 0 or args.interval <= 0 or args.rate < 0:
         parser.error("--duration and --interval must be positive, --rate not negative")
     missing = [name for name in ("peer", "gen.bpf.o", "sink.bpf.o")

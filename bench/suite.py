@@ -693,6 +693,16 @@ def chart(report: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
+def start_cli(parser: argparse.ArgumentParser, verbose: bool) -> None:
+    """Logging for a bench command, and its one requirement: root."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("pyroute2", "pgwfwd"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if os.geteuid() != 0:
+        parser.error("needs root (network namespaces, XDP)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="pgwfwd side by side with baselines")
     parser.add_argument("--quick", action="store_true", help="fewer, shorter runs")
@@ -704,12 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("pyroute2", "pgwfwd"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if os.geteuid() != 0:
-        parser.error("needs root (network namespaces, XDP)")
+    start_cli(parser, args.verbose)
     systems = [key.strip() for key in args.systems.split(",") if key.strip()]
     unknown = [key for key in systems if key not in SYSTEMS]
     if unknown:
